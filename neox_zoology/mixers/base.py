@@ -1,0 +1,39 @@
+"""What every mixer shares: megatron-core's `self_attention` calling convention.
+
+A mixer is built as `Cls(config: TransformerConfig, layer_number, **mixer_kwargs)` and called as
+`mixer(hidden_states[s, b, h], attention_mask=None, token_ids=None, **ignored) -> (out[s, b, h], bias)`,
+so the same class drops into megatron-core's `TransformerLayer` through a `ModuleSpec`.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class Mixer(MegatronModule):
+    """Base class: keeps the config and swallows the stack-specific constructor kwargs."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int = 1, **stack_kwargs):
+        # megatron-core's TransformerLayer passes its process-group collection / cp_comm_type; the
+        # mixers use parallel_state's default groups, which is what that collection holds.
+        stack_kwargs.pop("pg_collection", None)
+        stack_kwargs.pop("cp_comm_type", None)
+        if stack_kwargs:
+            raise TypeError(f"{type(self).__name__}: unexpected arguments {sorted(stack_kwargs)}")
+        super().__init__(config=config)
+        self.layer_number = layer_number
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, token_ids=None, **ignored):
+        raise NotImplementedError
+
+
+def full_then_local(full: torch.Tensor, dim: int, local: slice) -> torch.Tensor:
+    """Take this rank's slice of a tensor initialised at full size.
+
+    Drawing the full tensor on every rank (as megatron-core's CPU initialisation does for its own
+    layers) makes a model's initial weights independent of the tensor-parallel size.
+    """
+    index = [slice(None)] * full.dim()
+    index[dim] = local
+    return full[tuple(index)].contiguous()

@@ -1,0 +1,59 @@
+"""The shared causal FFT convolution.
+
+y[..., t] = sum_{j<=t} k[..., j] * u[..., t-j], computed as irfft(rfft(u, n) * rfft(k, n))[:L] with
+n >= 2L (no circular wrap-around). FFTs always run in fp32 (torch.fft refuses bf16 on CPU, and bf16
+FFTs lose too much precision on GPU); inputs and outputs keep their dtype. The filter's FFT is taken
+once per call and broadcast over the batch. FlashFFTConv is used when importable on CUDA.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # optional CUDA fast path
+    from flashfftconv import FlashFFTConv  # type: ignore
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    FlashFFTConv = None
+
+
+@functools.lru_cache(maxsize=None)
+def fast_fft_size(n: int) -> int:
+    """Smallest even 2-3-5-smooth number >= n: sizes pocketfft and cuFFT handle fastest."""
+    m = max(2, n + (n % 2))
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 2
+
+
+def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Causal convolution of u [..., d, L] with per-channel filters k [d, Lk] (Lk <= L)."""
+    L = u.shape[-1]
+    if k.shape[-1] > L:
+        raise ValueError(f"filter length {k.shape[-1]} exceeds the sequence length {L}")
+    if FlashFFTConv is not None and u.is_cuda and u.dim() == 3:
+        return _flash(u, k)
+    n = fast_fft_size(L + k.shape[-1])
+    k_f = torch.fft.rfft(k.float(), n=n)
+    u_f = torch.fft.rfft(u.float(), n=n)
+    y = torch.fft.irfft(u_f * k_f, n=n)[..., :L]
+    return y.to(u.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _flash_module(seqlen: int, dtype: torch.dtype, device: torch.device):
+    return FlashFFTConv(seqlen, dtype=dtype).to(device)
+
+
+def _flash(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    L = u.shape[-1]
+    size = max(16, 2 * (1 << (L - 1).bit_length()))  # FlashFFTConv's FFT size for length L
+    dtype = u.dtype if u.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    mod = _flash_module(size, dtype, u.device)
+    kk = torch.nn.functional.pad(k.float(), (0, L - k.shape[-1]))
+    return mod(u.to(dtype).contiguous(), kk).to(u.dtype)

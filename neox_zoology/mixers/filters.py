@@ -1,0 +1,87 @@
+"""Long-convolution filters shared by the gated-convolution mixers.
+
+Each filter module returns this rank's channels of a causal filter, shape [d_local, L]. Channels split
+over tensor parallelism; everything a filter computes from positions alone is replicated.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from neox_zoology.mixers.base import full_then_local
+from neox_zoology.parallel import ColumnLinear, mark_tp_param, tp_slice
+
+
+def positional_features(seq_length: int, emb_dim: int) -> torch.Tensor:
+    """Hyena/Zoology positional features z [L, emb_dim] = [t, Re e^{-i f w}, Im e^{-i f w}] (frozen).
+
+    t = linspace(0, 1, L); w = 2*pi*j/L for positions j; f = linspace(1e-4, bands-1, bands) with
+    bands = (emb_dim - 1) // 2 frequencies.
+    """
+    if emb_dim < 3 or emb_dim % 2 == 0:
+        raise ValueError(f"emb_dim must be odd and >= 3, got {emb_dim}")
+    bands = (emb_dim - 1) // 2
+    t = torch.linspace(0, 1, seq_length)[:, None]
+    w = 2 * math.pi * torch.arange(seq_length, dtype=torch.float32)[:, None] / seq_length
+    f = torch.linspace(1e-4, bands - 1, bands)[None, :]
+    angle = f * w
+    return torch.cat([t, torch.cos(angle), -torch.sin(angle)], dim=-1)
+
+
+class ShortFilter(nn.Module):
+    """Depthwise causal Conv1d filter of `kernel_size` taps (nn.Conv1d's default init)."""
+
+    def __init__(self, channels: int, kernel_size: int, params_dtype=torch.float32):
+        super().__init__()
+        local = tp_slice(channels)
+        bound = 1.0 / math.sqrt(kernel_size)  # kaiming_uniform(a=sqrt(5)) with fan_in = k
+        w = torch.empty(channels, 1, kernel_size).uniform_(-bound, bound)
+        b = torch.empty(channels).uniform_(-bound, bound)
+        self.kernel_size = kernel_size
+        self.weight = mark_tp_param(nn.Parameter(full_then_local(w, 0, local).to(params_dtype)))
+        self.bias = mark_tp_param(nn.Parameter(full_then_local(b, 0, local).to(params_dtype)))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u [b, d_local, L] -> causal depthwise conv, same shape."""
+        L = u.shape[-1]
+        y = nn.functional.conv1d(u, self.weight, self.bias, padding=self.kernel_size - 1, groups=u.shape[1])
+        return y[..., :L]
+
+
+class ExplicitLongFilter(nn.Module):
+    """A learned filter per channel, k [d, L] ~ N(0, 1) * init_scale (Zoology's explicit long conv)."""
+
+    def __init__(self, channels: int, seq_length: int, init_scale: float = 1.0, params_dtype=torch.float32):
+        super().__init__()
+        full = torch.randn(channels, seq_length) * init_scale
+        self.weight = mark_tp_param(nn.Parameter(full_then_local(full, 0, tp_slice(channels)).to(params_dtype)))
+
+    def forward(self, L: int) -> torch.Tensor:
+        return self.weight[:, :L]
+
+
+class ImplicitLongFilter(nn.Module):
+    """Zoology BaseConv's implicit filter: z -> Linear(emb, hidden) -> ReLU -> Linear(hidden, d), as [d, L]."""
+
+    def __init__(self, channels: int, seq_length: int, config, emb_dim: int = 3, hidden: int = 16):
+        super().__init__()
+        self.register_buffer("z", positional_features(seq_length, emb_dim)[:, None, :], persistent=False)
+        self.inner = nn.Linear(emb_dim, hidden)
+        self.outer = ColumnLinear(
+            hidden, channels, config=config, init_method=nn.init.xavier_uniform_, bias=True,
+            gather_output=False,
+        )
+        with torch.no_grad():  # nn.Linear's default init for the output layer, drawn at full size
+            full_w = torch.empty(channels, hidden)
+            nn.init.kaiming_uniform_(full_w, a=math.sqrt(5))
+            full_b = torch.empty(channels).uniform_(-1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+            local = tp_slice(channels)
+            self.outer.weight.copy_(full_then_local(full_w, 0, local))
+            self.outer.bias.copy_(full_then_local(full_b, 0, local))
+
+    def forward(self, L: int) -> torch.Tensor:
+        h = torch.relu(self.inner(self.z[:L].to(self.inner.weight.dtype)))
+        k, _ = self.outer(h)  # [L, 1, d_local]
+        return k[:, 0, :].transpose(0, 1)

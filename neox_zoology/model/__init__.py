@@ -1,0 +1,1 @@
+"""Model assembly: blocks, the GPT layer list, pipeline specs."""

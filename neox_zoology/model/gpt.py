@@ -1,0 +1,137 @@
+"""The GPT: one DeepSpeed LayerSpec per layer, run by the pipeline engine or as a plain module.
+
+    EmbeddingPipe -> ZooBlock x num_layers -> FinalNormPipe -> LMHeadPipe -> loss
+
+`layer_specs(args, config)` is the single description; `PipelineModule` partitions it over stages
+(`pipe_parallel_size >= 1`) and `SequentialGPT` builds all of it in one process for the plain engine.
+Tied input/output embeddings use a `TiedLayerSpec` (DeepSpeed keeps the copies on different
+stages in sync). Every layer is built right after `torch.manual_seed(seed + index)`, so initial
+weights do not depend on how the layers are split over stages or TP ranks.
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from megatron.core import tensor_parallel
+from torch import nn
+
+from neox_zoology.model.block import ZooBlock, build_norm
+from neox_zoology.parallel import VocabEmbedding, copy_to_tp, tp_size
+
+
+class EmbeddingPipe(nn.Module):
+    """tokens [b, s] -> (hidden [s, b, h], tokens)."""
+
+    def __init__(self, args, config):
+        super().__init__()
+        self.word_embeddings = VocabEmbedding(
+            num_embeddings=args.padded_vocab_size, embedding_dim=args.hidden_size,
+            init_method=config.init_method, config=config,
+        )
+        self.position_embeddings = (
+            nn.Embedding(args.max_position_embeddings, args.hidden_size) if args.pos_emb == "learned" else None
+        )
+        if self.position_embeddings is not None:
+            config.init_method(self.position_embeddings.weight)
+        self.dropout = nn.Dropout(args.hidden_dropout)
+
+    def forward(self, tokens):
+        if isinstance(tokens, (tuple, list)):
+            tokens = tokens[0]
+        x = self.word_embeddings(tokens)  # [b, s, h]
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(torch.arange(tokens.shape[1], device=tokens.device))[None]
+        return self.dropout(x.transpose(0, 1).contiguous()), tokens
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.norm = build_norm(args)
+
+    def forward(self, inputs):
+        x, _ = inputs
+        return self.norm(x)
+
+
+class LMHeadPipe(nn.Module):
+    """hidden [s, b, h] -> this TP rank's vocabulary shard of the logits, [b, s, V/tp] (untied head)."""
+
+    def __init__(self, args, config):
+        super().__init__()
+        from neox_zoology.parallel import ColumnLinear
+
+        self.proj = ColumnLinear(
+            args.hidden_size, args.padded_vocab_size, config=config, init_method=config.init_method,
+            bias=False, gather_output=False,
+        )
+
+    def forward(self, x):
+        logits, _ = self.proj(x)
+        return logits.transpose(0, 1).contiguous()
+
+
+def tied_head(embedding: EmbeddingPipe, x):
+    """The LM head that reuses the input embedding matrix (its vocab shard on this TP rank)."""
+    logits = torch.nn.functional.linear(copy_to_tp(x), embedding.word_embeddings.weight)
+    return logits.transpose(0, 1).contiguous()
+
+
+def layer_specs(args, config) -> list:
+    tied = not args.no_weight_tying
+    embed = (
+        TiedLayerSpec("embed", EmbeddingPipe, args, config, tied_weight_attr="word_embeddings.weight")
+        if tied else LayerSpec(EmbeddingPipe, args, config)
+    )
+    specs = [embed]
+    for i, (occurrence, layer_type) in enumerate(args.layer_occurrences()):
+        specs.append(LayerSpec(ZooBlock, args, config, i + 1, layer_type, occurrence))
+    specs.append(LayerSpec(FinalNormPipe, args))
+    if tied:
+        specs.append(
+            TiedLayerSpec("embed", EmbeddingPipe, args, config, forward_fn=tied_head,
+                          tied_weight_attr="word_embeddings.weight")
+        )
+    else:
+        specs.append(LayerSpec(LMHeadPipe, args, config))
+    return specs
+
+
+def lm_loss(logits: torch.Tensor, labels_and_mask) -> torch.Tensor:
+    """Masked mean cross-entropy over vocab-parallel logits [b, s, V/tp] (no logits gather)."""
+    labels, loss_mask = labels_and_mask
+    if tp_size() > 1:
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+    else:
+        losses = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), reduction="none"
+        ).view_as(labels)
+    mask = loss_mask.float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class SequentialGPT(nn.Module):
+    """All layer specs in one process (the plain engine, and meta-device dry runs)."""
+
+    def __init__(self, args, config, seed: int | None = None):
+        super().__init__()
+        seed = args.seed if seed is None else seed
+        self.layers = nn.ModuleList()
+        self._forward_fns = []
+        tied: dict[str, nn.Module] = {}
+        for index, spec in enumerate(layer_specs(args, config)):
+            torch.manual_seed(seed + index)
+            if isinstance(spec, TiedLayerSpec) and spec.key in tied:
+                module = tied[spec.key]
+            else:
+                module = spec.build()
+                if isinstance(spec, TiedLayerSpec):
+                    tied[spec.key] = module
+                self.layers.append(module)
+            self._forward_fns.append((module, getattr(spec, "forward_fn", None)))
+
+    def forward(self, tokens):
+        x = tokens
+        for module, fn in self._forward_fns:
+            x = fn(module, x) if fn is not None else module(x)
+        return x

@@ -1,0 +1,98 @@
+"""The one registry: layer-type name -> MixerSpec.
+
+Nothing else in the project branches on a layer-type string. Config validation, model assembly,
+FLOPs accounting, the single-process door and the docs all ask this table.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a mixer may know about the model it sits in (for validation and FLOPs)."""
+
+    hidden_size: int
+    seq_length: int
+    num_attention_heads: int
+    tp: int = 1
+    num_layers: int = 1
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    name: str
+    module: type
+    """megatron-core `self_attention`-style module: (config, layer_number, **kwargs); [s, b, h] -> (out, bias)."""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """The keys of this type's YAML section (e.g. `baseconv: {kernel_sizes: [3, -1]}`) and their defaults."""
+    tp_split: str = "channels"
+    """How the mixer splits under tensor parallelism: 'heads', 'channels' or 'replicated'."""
+    flops: Callable[[Shape, Mapping[str, Any]], float] = lambda shape, args: 0.0
+    """Forward FLOPs per token of the mixer (matmuls and FFTs; see neox_zoology/flops.py)."""
+    validate: Callable[[Shape, Mapping[str, Any]], list[str]] = lambda shape, args: []
+    """Returns a list of problems ('key: value ... fix') for these args at this shape."""
+    per_layer: Callable[[Mapping[str, Any], int], dict] = lambda args, occurrence: dict(args)
+    """Module kwargs for the `occurrence`-th layer of this type (e.g. BaseConv's kernel-size cycle)."""
+    aliases: tuple[str, ...] = ()
+    inherits: tuple[str, ...] = ()
+    """Top-level config keys this mixer also reads (e.g. attention's `pos_emb`), same names as in `defaults`."""
+    mlp: type | None = None
+    """A block-level replacement for the MLP (RWKV's channel mix); None keeps the configured MLP."""
+    needs_token_ids: bool = False
+    doc: str = ""
+
+
+_SPECS: dict[str, MixerSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(spec: MixerSpec) -> MixerSpec:
+    for key in (spec.name, *spec.aliases):
+        if key in _SPECS or key in _ALIASES:
+            raise ValueError(f"layer type {key!r} is registered twice")
+    _SPECS[spec.name] = spec
+    for alias in spec.aliases:
+        _ALIASES[alias] = spec.name
+    return spec
+
+
+def _load_builtin() -> None:
+    import neox_zoology.mixers  # noqa: F401  (registers the built-in mixers)
+
+
+def names(include_aliases: bool = False) -> list[str]:
+    _load_builtin()
+    out = sorted(_SPECS)
+    return out + sorted(_ALIASES) if include_aliases else out
+
+
+def canonical(name: str) -> str:
+    _load_builtin()
+    if name in _SPECS:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    close = difflib.get_close_matches(name, names(include_aliases=True), n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise KeyError(
+        f"unknown layer type {name!r}.{hint} Registered layer types: {', '.join(names())}"
+        f" (aliases: {', '.join(f'{a}->{t}' for a, t in sorted(_ALIASES.items()))})"
+    )
+
+
+def get(name: str) -> MixerSpec:
+    return _SPECS[canonical(name)]
+
+
+def resolve_args(name: str, args: Mapping[str, Any] | None) -> dict:
+    """Defaults of `name` updated by `args`; unknown keys raise KeyError naming the valid ones."""
+    spec = get(name)
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(spec.defaults))
+    if unknown:
+        valid = ", ".join(sorted(spec.defaults)) or "(none)"
+        raise KeyError(f"{spec.name}: unknown argument(s) {', '.join(unknown)}; valid: {valid}")
+    return {**spec.defaults, **args}

@@ -1,0 +1,53 @@
+"""Command line of train.py: `train.py CONFIG... [--override FILE] [--set key=value] [--dry-run]`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a Zoology architecture from GPT-NeoX YAML configs (launch with `deepspeed`).",
+    )
+    p.add_argument("configs", nargs="+", help="YAML files, merged (a key set in two files is an error)")
+    p.add_argument("--override", action="append", default=[], metavar="FILE",
+                   help="YAML whose keys replace the merged ones (e.g. a CPU-sized override)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="replace one key (value in YAML syntax), e.g. --set train_iters=20")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, build on the meta device, print parameters and FLOPs as JSON, exit")
+    p.add_argument("--summary-json", default=None, help="write first/last loss, checkpoint, throughput here")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _report(msg: str) -> None:
+    # Under the launcher every rank validates the same files; one line per node is enough.
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"config error: {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    ns = parse(argv)
+    from neox_zoology.config import ConfigError, check_paths, load
+
+    try:
+        args = load(ns.configs, ns.override, ns.sets, world_size=None if not ns.dry_run else 1)
+        check_paths(args, need_data=not ns.dry_run)
+        if ns.dry_run:
+            from neox_zoology.training import dryrun
+
+            return dryrun.main(args)
+    except ConfigError as exc:
+        _report(str(exc))
+        return 2
+    from neox_zoology.training.loop import run
+
+    try:
+        run(args, summary_path=ns.summary_json)
+    except ConfigError as exc:  # vocabulary / tokenizer problems found after start-up
+        _report(str(exc))
+        return 2
+    return 0

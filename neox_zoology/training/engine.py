@@ -1,0 +1,116 @@
+"""Model + optimizer + LR schedule + DeepSpeed engine, configured from `Args`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from neox_zoology.model.gpt import SequentialGPT, layer_specs, lm_loss
+from neox_zoology.model.tconfig import transformer_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_config(args, perform_initialization: bool = True):
+    return transformer_config(
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_layers=args.num_layers,
+        ffn_hidden_size=args.ffn_hidden_size,
+        tp=args.tp,
+        params_dtype=torch.float32,  # master weights; DeepSpeed casts for bf16/fp16
+        init=args.init_method,
+        output_init=args.output_layer_init_method,
+        init_method_std=args.init_method_std,
+        attention_dropout=args.attention_dropout,
+        hidden_dropout=args.hidden_dropout,
+        add_bias_linear=args.use_bias_in_attn_linear,
+        perform_initialization=perform_initialization,
+    )
+
+
+def lr_factor(args, step: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up, then decay to min_lr."""
+    decay_iters = max(1, args.lr_decay_iters)
+    warmup = int(args.warmup * decay_iters)
+    lr, min_lr = args.lr, args.min_lr
+    if step < warmup:
+        return (step + 1) / warmup
+    if args.lr_decay_style == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, decay_iters - warmup))
+    if args.lr_decay_style == "linear":
+        value = lr - (lr - min_lr) * progress
+    else:
+        value = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return value / lr
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Weight decay on matrices only (not on biases, norms, or 1-d filter parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(args, model):
+    params = args.optimizer.get("params", {})
+    kwargs = dict(lr=args.lr, betas=tuple(params.get("betas", (0.9, 0.999))), eps=float(params.get("eps", 1e-8)))
+    if torch.cuda.is_available():
+        kwargs["fused"] = True
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(args, step))
+    return opt, sched
+
+
+def deepspeed_config(args) -> dict:
+    dtype = args.dtype_name
+    return {
+        "train_micro_batch_size_per_gpu": args.train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": args.global_batch,
+        "gradient_clipping": args.gradient_clipping,
+        "zero_optimization": dict(args.zero_optimization),
+        "zero_allow_untested_optimizer": True,  # a torch AdamW: no JIT-compiled FusedAdam
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {**(args.fp16 if isinstance(args.fp16, dict) else {}), "enabled": dtype == "fp16"},
+        "steps_per_print": args.steps_per_print if args.steps_per_print > 0 else 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(args, topology):
+    """The DeepSpeed engine: PipelineEngine when pipe_parallel_size >= 1, the plain engine otherwise."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    from neox_zoology.parallel.setup import MPU
+
+    config = model_config(args)
+    if args.pipe_parallel_size >= 1:
+        model = PipelineModule(
+            layers=layer_specs(args, config),
+            loss_fn=lm_loss,
+            topology=topology,
+            partition_method=args.pipe_partition_method,
+            seed_layers=True,
+            seed_fn=torch.manual_seed,
+            base_seed=args.seed,
+            activation_checkpoint_interval=0,
+        )
+        mpu = None  # the topology carries the groups
+    else:
+        model = SequentialGPT(args, config)
+        mpu = MPU()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    opt, sched = make_optimizer(args, model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(args), mpu=mpu,
+    )
+    return engine

@@ -1,0 +1,193 @@
+"""The training loop, top to bottom: set up, resume, step, log, evaluate, save."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from neox_zoology import flops
+from neox_zoology.config import ConfigError, pad_vocab
+from neox_zoology.data import BatchIterator, build_datasets, to_device
+from neox_zoology.model.gpt import lm_loss
+from neox_zoology.parallel import setup as psetup
+from neox_zoology.parallel.cpu_compat import model_parallel_seed
+from neox_zoology.training import checkpoint
+from neox_zoology.training.engine import build_engine
+from neox_zoology.training.metrics import Logger, Throughput
+
+
+def resolve_vocab(args, tokenizer=None) -> None:
+    """Set padded_vocab_size from the tokenizer (or the `vocab_size` key when no tokenizer is loaded)."""
+    if tokenizer is not None:
+        if args.vocab_size is not None and args.vocab_size != tokenizer.vocab_size:
+            raise ConfigError(
+                f"{args.sources.get('vocab_size', 'config')}: vocab_size {args.vocab_size} differs from the "
+                f"tokenizer's {tokenizer.vocab_size} ({args.vocab_file}); remove vocab_size or fix it"
+            )
+        args.vocab_size = tokenizer.vocab_size
+    if args.vocab_size is None:
+        raise ConfigError(
+            f"vocab_size is unknown: the tokenizer file {args.vocab_file!r} is missing; set vocab_file "
+            f"(and merge_file) to existing files or set vocab_size"
+        )
+    args.padded_vocab_size = pad_vocab(args.vocab_size, args.make_vocab_size_divisible_by, args.tp)
+
+
+def load_tokenizer(args):
+    from tokenization.tokenizer import build_tokenizer
+
+    return build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+
+
+def is_pipe(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
+def train_step(engine, batches, device) -> torch.Tensor:
+    """One optimizer step; returns the mean loss over the global batch (same on every rank)."""
+    if is_pipe(engine):
+        return engine.train_batch(data_iter=batches).detach().float()
+    total = torch.zeros((), device=device)
+    for _ in range(engine.gradient_accumulation_steps()):
+        tokens, labels = to_device(next(batches), device)
+        loss = lm_loss(engine(tokens), labels)
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float()
+    return _dp_mean(total / engine.gradient_accumulation_steps())
+
+
+def eval_loss(engine, batches, iters: int, device) -> float:
+    if is_pipe(engine):
+        losses = [engine.eval_batch(data_iter=batches).float() for _ in range(iters)]
+        return float(torch.stack(losses).mean())
+    engine.eval()
+    total = torch.zeros((), device=device)
+    n = iters * engine.gradient_accumulation_steps()
+    with torch.no_grad():
+        for _ in range(n):
+            tokens, labels = to_device(next(batches), device)
+            total += lm_loss(engine(tokens), labels).float()
+    engine.train()
+    return float(_dp_mean(total / n))
+
+
+def _dp_mean(x: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    x = x.clone()
+    torch.distributed.all_reduce(x, group=group)
+    return x / torch.distributed.get_world_size(group)
+
+
+def run(args, summary_path: str | None = None) -> dict:
+    """Train per `args` (already validated). Returns a summary dict (also written to summary_path)."""
+    from megatron.core import parallel_state
+
+    psetup.init_distributed()
+    topo = psetup.init_model_parallel(args.tp, args.pp)
+    rank = torch.distributed.get_rank()
+    log = Logger(args, rank)
+    try:
+        model_parallel_seed(args.seed)
+        tokenizer = load_tokenizer(args)
+        resolve_vocab(args, tokenizer)
+        if args.ignored_keys:
+            log.info(f"accepted GPT-NeoX keys with no effect here: {', '.join(sorted(set(args.ignored_keys)))}")
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        engine = build_engine(args, topo)
+        start = checkpoint.load(engine, args.load) if args.load else 0
+        if start:
+            log.info(f"resumed from {args.load} at iteration {start}")
+
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
+        splits = build_datasets(args, tokenizer, eval_runs)
+        train_batches = BatchIterator(splits.train, args.train_micro_batch_size_per_gpu,
+                                      args.gradient_accumulation_steps, dp_rank, dp_size, start)
+
+        flops_tok = 3 * flops.model_forward_per_token(args)
+        meter = Throughput(args.global_batch * args.seq_length, flops_tok, args.world_size)
+        log.info(
+            f"training {args.num_layers} layers {dict(sorted(_count(args.layer_types).items()))} | "
+            f"TP {args.tp} PP {args.pp} DP {args.dp} | global batch {args.global_batch} x {args.seq_length} | "
+            f"{flops_tok / 1e9:.3f} GFLOP/token (fwd+bwd)"
+        )
+        losses, evals, last_ckpt, tput = [], [], None, []
+        for it in range(start, args.train_iters):
+            loss = float(train_step(engine, train_batches, device))
+            meter.tick()
+            losses.append((it + 1, loss))
+            step = it + 1
+            if step % args.log_interval == 0 or step == args.train_iters:
+                m = meter.read()
+                tput.append(m["tokens_per_s"])
+                lr = engine.get_lr()[0]
+                gnorm = engine.get_global_grad_norm()
+                gnorm = float(gnorm) if gnorm is not None else float("nan")
+                mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
+                log.info(
+                    f"iter {step:>6}/{args.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gnorm:.3f} | "
+                    f"{m['tokens_per_s']:,.0f} tokens/s | {m['tflops_per_rank']:.3f} TFLOP/s/rank | MFU {mfu} | "
+                    f"{m['s_per_step']:.3f} s/step"
+                )
+                log.scalars(step, {"loss": loss, "lr": lr, "grad_norm": gnorm, **m})
+                meter.reset()
+            if splits.valid is not None and args.eval_iters > 0 and step % args.eval_interval == 0:
+                run_idx = step // args.eval_interval - 1
+                vb = BatchIterator(splits.valid, args.train_micro_batch_size_per_gpu,
+                                   args.gradient_accumulation_steps, dp_rank, dp_size, run_idx * args.eval_iters)
+                vloss = eval_loss(engine, vb, args.eval_iters, device)
+                evals.append((step, vloss))
+                log.info(f"iter {step:>6} | validation loss {vloss:.4f} | ppl {_ppl(vloss):.2f}")
+                log.scalars(step, {"loss": vloss, "ppl": _ppl(vloss)}, prefix="valid")
+            if args.save and _should_save(args, step):
+                last_ckpt = checkpoint.save(engine, args, step)
+                log.info(f"saved checkpoint {last_ckpt}")
+        summary = {
+            "first_loss": losses[0][1] if losses else None,
+            "last_loss": losses[-1][1] if losses else None,
+            "losses": losses,
+            "valid_losses": evals,
+            "checkpoint": last_ckpt,
+            "tokens_per_s": sum(tput) / len(tput) if tput else None,
+            "start_iteration": start,
+        }
+        if losses:
+            log.info(
+                f"done: first loss {summary['first_loss']:.4f}, last loss {summary['last_loss']:.4f}, "
+                f"checkpoint {last_ckpt}, {summary['tokens_per_s'] or 0:,.0f} tokens/s"
+            )
+        if summary_path and rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
+            with open(summary_path, "w") as f:
+                json.dump(summary, f)
+        return summary
+    finally:
+        log.close()
+        psetup.destroy()
+
+
+def _should_save(args, step: int) -> bool:
+    if step == args.train_iters:
+        return True
+    if args.checkpoint_factor and step % args.checkpoint_factor == 0:
+        return True
+    return bool(args.extra_save_iters) and step in args.extra_save_iters
+
+
+def _ppl(loss: float) -> float:
+    import math
+
+    return math.exp(min(loss, 50.0))
+
+
+def _count(types):
+    out: dict = {}
+    for t in types:
+        out[t] = out.get(t, 0) + 1
+    return out

@@ -1,0 +1,172 @@
+"""Build a small real-text training corpus from this Python installation's standard library.
+
+    python -m tokenization.demo_corpus --out data/demo [--max-mb 8] [--vocab-size 4096]
+
+Every machine that runs the project has the corpus at hand, so the CPU demo needs no download.
+Writes into OUT:
+
+    corpus.jsonl                     one stdlib module per line, in the Pile's JSONL format
+    spm.model, spm.vocab             a SentencePiece BPE tokenizer trained on it (SPMTokenizer)
+    stdlib_text_document.bin/.idx    the tokenized documents, each followed by eod, as a
+                                     megatron-core IndexedDataset; data_path is
+                                     OUT/stdlib_text_document
+    manifest.json                    settings and counts; written last, it marks a finished build
+
+Everything is built in a hidden temporary folder and renamed into place when complete, so an
+interrupted build never leaves a partial dataset that looks usable. A finished build with the same
+settings is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenization.tokenizer import SPMTokenizer
+from tokenization.train_spm import train_spm
+
+CORPUS = "corpus.jsonl"
+TOKENIZER = "spm"  # prefix: spm.model + spm.vocab
+DATA_PREFIX = "stdlib_text_document"
+MANIFEST = "manifest.json"
+OUTPUTS = (CORPUS, f"{TOKENIZER}.model", f"{TOKENIZER}.vocab",
+           f"{DATA_PREFIX}.bin", f"{DATA_PREFIX}.idx")  # renamed in this order, then MANIFEST
+PILE_SET_NAME = "python-stdlib"
+TEMP_PREFIX = ".building-"
+
+# Test suites are full of deliberately odd code; installed third-party packages are not stdlib.
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_documents(max_bytes: int) -> Iterator[str]:
+    """Yield stdlib ``.py`` sources in sorted path order until ``max_bytes`` of UTF-8 text."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+
+    total = 0
+    for path in sorted(paths):
+        try:
+            data = Path(path).read_bytes()
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # unreadable or another encoding (a few legacy modules declare latin-1)
+        if not text.strip():
+            continue
+        if total + len(data) > max_bytes:
+            return
+        total += len(data)
+        yield text
+
+
+def _outputs_done(out: Path, settings: dict) -> dict | None:
+    """The manifest of a finished build with these settings, else None."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    same = all(manifest.get(key) == value for key, value in settings.items())
+    return manifest if same and all((out / name).is_file() for name in OUTPUTS) else None
+
+
+def _write_indexed_dataset(prefix: Path, tokenizer: SPMTokenizer, texts: list[str]) -> int:
+    """Tokenize each text, append eod, write ``prefix.bin/.idx``; return the token count."""
+    with warnings.catch_warnings():
+        # megatron-core warns that the optional fused GPU kernels (apex, TE) are missing.
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(
+        f"{prefix}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65500
+    )
+    tokens = 0
+    chunk = 256  # bounds memory for large --max-mb while keeping batch encoding parallel
+    for start in range(0, len(texts), chunk):
+        for ids in tokenizer.encode_batch(texts[start:start + chunk]):
+            ids.append(tokenizer.eod)
+            # add_document also closes the document; end_document() is only for add_item().
+            builder.add_document(ids, [len(ids)])
+            tokens += len(ids)
+    builder.finalize(f"{prefix}.idx")
+    return tokens
+
+
+def build_demo_corpus(
+    out_dir: str | os.PathLike, max_mb: float = 8, vocab_size: int = 4096
+) -> dict:
+    """Build (or find already built) the demo corpus in ``out_dir``; return paths and counts.
+
+    The result has ``corpus``, ``tokenizer`` (the .model), ``data_prefix`` (for ``data_path``),
+    ``documents``, ``tokens``, ``seconds`` and ``built`` (False when an earlier build was reused).
+    """
+    out = Path(out_dir)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    settings = {"max_mb": max_mb, "vocab_size": vocab_size, "stdlib": stdlib}
+    paths = {
+        "corpus": str(out / CORPUS),
+        "tokenizer": str(out / f"{TOKENIZER}.model"),
+        "data_prefix": str(out / DATA_PREFIX),
+    }
+    done = _outputs_done(out, settings)
+    if done is not None:
+        return {**paths, **done, "seconds": 0.0, "built": False}
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(TEMP_PREFIX + "*"):  # left behind by an interrupted build
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out))
+    try:
+        texts = list(stdlib_documents(int(max_mb * 1024 * 1024)))
+        if not texts:
+            raise ValueError(f"no stdlib sources fit in --max-mb {max_mb}: raise it")
+        with open(tmp / CORPUS, "w", encoding="utf-8") as f:
+            for text in texts:
+                f.write(json.dumps({"text": text, "meta": {"pile_set_name": PILE_SET_NAME}}) + "\n")
+
+        train_spm(texts, tmp / TOKENIZER, vocab_size)
+        tokenizer = SPMTokenizer(str(tmp / f"{TOKENIZER}.model"))
+        tokens = _write_indexed_dataset(tmp / DATA_PREFIX, tokenizer, texts)
+
+        manifest = {**settings, "documents": len(texts), "tokens": tokens, "eod": tokenizer.eod}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        # Remove an older build first (manifest, then .idx) and put the new .idx and manifest in
+        # last, so no interruption can pair a new .bin with an old .idx or mark a partial build
+        # finished.
+        for name in (MANIFEST, *reversed(OUTPUTS)):
+            (out / name).unlink(missing_ok=True)
+        for name in (*OUTPUTS, MANIFEST):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**paths, **manifest, "seconds": time.perf_counter() - start, "built": True}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tokenization.demo_corpus",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder, e.g. data/demo")
+    parser.add_argument("--max-mb", type=float, default=8, help="MiB of source text (default: 8)")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="SentencePiece vocabulary")
+    args = parser.parse_args(argv)
+
+    result = build_demo_corpus(args.out, args.max_mb, args.vocab_size)
+    counts = f"{result['documents']} documents, {result['tokens']} tokens"
+    if result["built"]:
+        print(f"demo corpus: {counts} in {result['seconds']:.1f} s -> {args.out}")
+    else:
+        print(f"demo corpus already built in {args.out} ({counts}); nothing to do")
+
+
+if __name__ == "__main__":
+    main()
