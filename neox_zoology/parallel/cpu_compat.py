@@ -3,6 +3,8 @@
 Applied only when CUDA is absent (`apply()` is a no-op on a GPU machine):
 - megatron-core's RNG tracker keeps CUDA generator states; on CPU it keeps CPU generator states, so
   `get_cuda_rng_tracker().fork()` (dropout in TP regions) and `tensor_parallel.checkpoint` work.
+- megatron-core's gather/scatter mappings allocate on `torch.cuda.current_device()`; on a machine
+  without CUDA that is the CPU.
 - DeepSpeed's `init_distributed` JIT-compiles a shared-memory all-reduce op on CPU (~35 s on every
   fresh machine) that only inference uses; it is skipped.
 """
@@ -68,6 +70,8 @@ def apply() -> None:
     # tensor_parallel.checkpoint saves/restores "the CUDA state": on CPU that is the CPU state.
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
 
     import deepspeed.comm.torch  # noqa: F401  (the module, not its `torch` attribute)
 

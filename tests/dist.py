@@ -1,0 +1,105 @@
+"""Forked multi-process tests: N ranks on gloo, forked from the warm pytest parent (~0.25 s).
+
+`run_ranks(fn, world, *args)` forks `world` children; child r sets the torch.distributed env
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), calls `fn(r, *args)` and sends back its
+return value (anything picklable). A failing rank's traceback is raised in the parent.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import traceback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, world, port, conn, args):
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        )
+        # Plain pickle: multiprocessing's own pickler would share tensors through file descriptors
+        # that die with this process.
+        conn.send_bytes(pickle.dumps(("ok", fn(rank, *args))))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+    finally:
+        conn.close()
+        os._exit(0)
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs, pipes = [], []
+    for rank in range(world):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_child, args=(fn, rank, world, port, child, args))
+        p.start()
+        child.close()
+        procs.append(p)
+        pipes.append(parent)
+    results, errors = [], []
+    for rank, (p, conn) in enumerate(zip(procs, pipes)):
+        if conn.poll(timeout):
+            status, value = pickle.loads(conn.recv_bytes())
+        else:
+            status, value = "error", f"rank {rank} timed out after {timeout} s"
+        (results if status == "ok" else errors).append(value if status == "ok" else f"rank {rank}:\n{value}")
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return results
+
+
+def init_tp(tp: int, pp: int = 1):
+    """In a forked rank: gloo process group + megatron-core model parallel + seeds."""
+    from neox_zoology.parallel import setup
+    from neox_zoology.parallel.cpu_compat import model_parallel_seed
+
+    setup.init_distributed("gloo")
+    setup.init_model_parallel(tp, pp)
+    model_parallel_seed(1234)
+
+
+def gather_tp_param(p):
+    """Full tensor of a parameter split over TP (or the parameter itself when replicated)."""
+    import torch
+    from megatron.core import parallel_state
+
+    from neox_zoology.parallel import tp_size
+
+    if tp_size() == 1 or not getattr(p, "tensor_model_parallel", False):
+        return p.detach().clone()
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(p) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, p.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=p.partition_dim)
+
+
+def gather_tp_grad(p):
+    import torch
+    from megatron.core import parallel_state
+
+    from neox_zoology.parallel import tp_size
+
+    g = p.grad.detach().contiguous()
+    if tp_size() == 1 or not getattr(p, "tensor_model_parallel", False):
+        return g.clone()
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(g) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, g, group=group)
+    return torch.cat(parts, dim=p.partition_dim)

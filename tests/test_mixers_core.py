@@ -1,0 +1,124 @@
+"""attention / sliding_window / baseconv: plain references, causality, TP=2 == TP=1."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import neox_zoology
+from dist import gather_tp_grad, init_tp, run_ranks
+
+D, L, HEADS = 32, 24, 4
+
+
+def direct_causal_conv(u, k):
+    """y[..., t] = sum_{j<=t} k[..., j] u[..., t-j], written out as an O(L^2) loop."""
+    L = u.shape[-1]
+    y = torch.zeros_like(u)
+    for t in range(L):
+        for j in range(min(t + 1, k.shape[-1])):
+            y[..., t] += k[..., j] * u[..., t - j]
+    return y
+
+
+def dense_attention_reference(mixer, x, window=0):
+    """Per-head softmax(QK^T / sqrt(dh) + mask) V with an explicit mask, from the mixer's own weights."""
+    attn = mixer.mixer
+    s, b, _ = x.shape
+    dh = attn.head_dim
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(s, b, attn.local_heads, 3, dh)
+    q, k, v = [qkv[:, :, :, i].permute(1, 2, 0, 3) for i in range(3)]
+    q, k = attn.rotary(q), attn.rotary(k)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
+    i = torch.arange(s)[:, None]
+    j = torch.arange(s)[None, :]
+    allowed = (j <= i) & ((j > i - window) if window > 0 else True)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    o = (scores.softmax(-1) @ v).permute(2, 0, 1, 3).reshape(s, b, -1)
+    return F.linear(o, attn.out.weight, attn.out.bias)
+
+
+@pytest.mark.parametrize("name,window", [("attention", 0), ("sliding_window", 5)])
+def test_attention_matches_dense_masked_reference(name, window):
+    torch.manual_seed(0)
+    m = neox_zoology.build_mixer(name, hidden_size=D, seq_length=L, num_attention_heads=HEADS, batch_first=False,
+                                 **({"window": window} if window else {}))
+    x = torch.randn(L, 2, D)
+    torch.testing.assert_close(m(x), dense_attention_reference(m, x, window), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer_index,kind", [(0, "short"), (1, "implicit")])
+def test_baseconv_matches_direct_convolution(layer_index, kind):
+    torch.manual_seed(0)
+    m = neox_zoology.build_mixer("baseconv", hidden_size=D, seq_length=L, layer_index=layer_index, batch_first=False)
+    bc = m.mixer
+    x = torch.randn(L, 2, D)
+    u = x.permute(1, 2, 0)  # [b, d, L]
+    if kind == "short":
+        k = bc.filter.weight[:, 0, :].flip(-1)  # Conv1d correlates: tap j of the causal filter is w[k-1-j]
+        conv = direct_causal_conv(u, k) + bc.filter.bias[None, :, None]
+    else:
+        conv = direct_causal_conv(u, bc.filter(L))
+    gate = F.linear(x, bc.proj.weight, bc.proj.bias).permute(1, 2, 0)
+    ref = (conv * gate + u).permute(2, 0, 1)
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_baseconv_explicit_long_filter_and_fft_skip():
+    torch.manual_seed(0)
+    m = neox_zoology.build_mixer("baseconv", hidden_size=D, seq_length=L, kernel_sizes=[-1], long_filter="explicit",
+                                 fft_skip=True, batch_first=False)
+    bc = m.mixer
+    x = torch.randn(L, 2, D)
+    u = x.permute(1, 2, 0)
+    conv = direct_causal_conv(u, bc.filter.weight) + u  # Zoology's hard-wired skip
+    gate = F.linear(x, bc.proj.weight, bc.proj.bias).permute(1, 2, 0)
+    torch.testing.assert_close(m(x), (conv * gate + u).permute(2, 0, 1), atol=1e-4, rtol=1e-5)
+
+
+CASES = [
+    ("attention", {}, 0), ("sliding_window", {"window": 5}, 0),
+    ("baseconv", {}, 0), ("baseconv", {}, 1), ("baseconv", {"kernel_sizes": [-1], "long_filter": "explicit"}, 0),
+]
+
+
+@pytest.mark.parametrize("name,kw,layer_index", CASES)
+@pytest.mark.parametrize("train", [True, False])
+def test_causal(name, kw, layer_index, train):
+    torch.manual_seed(0)
+    m = neox_zoology.build_mixer(name, hidden_size=D, seq_length=L, num_attention_heads=HEADS,
+                                 layer_index=layer_index, **kw)
+    m.train(train)
+    x = torch.randn(2, L, D)
+    t = 10
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
+    y, y2 = m(x), m(x2)
+    torch.testing.assert_close(y[:, : t + 1], y2[:, : t + 1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])  # the perturbation is visible later
+
+
+def _mixer_tp_run(rank, tp, name, kw, layer_index):
+    if tp > 1:
+        init_tp(tp)
+    torch.manual_seed(0)
+    x = torch.randn(L, 2, D, requires_grad=True)
+    torch.manual_seed(1)
+    m = neox_zoology.build_mixer(name, hidden_size=D, seq_length=L, num_attention_heads=HEADS,
+                                 layer_index=layer_index, batch_first=False, **kw)
+    y = m(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = {n: gather_tp_grad(p) for n, p in m.named_parameters()}
+    return y.detach(), x.grad.detach(), grads
+
+
+@pytest.mark.parametrize("name,kw,layer_index", CASES)
+def test_tp2_equals_tp1(name, kw, layer_index):
+    (y1, gx1, g1), = run_ranks(_mixer_tp_run, 1, 1, name, kw, layer_index)
+    outs = run_ranks(_mixer_tp_run, 2, 2, name, kw, layer_index)
+    for y2, gx2, g2 in outs:
+        torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx2, gx1, atol=1e-5, rtol=1e-5)
+        assert g2.keys() == g1.keys()
+        for n in g1:
+            torch.testing.assert_close(g2[n], g1[n], atol=1e-5, rtol=1e-5, msg=n)
