@@ -11,3 +11,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A small real-text .bin/.idx + SentencePiece model (vocab 512), built once per session."""
+    from tokenization.demo_corpus import build_demo_corpus
+
+    return build_demo_corpus(tmp_path_factory.mktemp("corpus"), max_mb=0.3, vocab_size=512)
+
+
+@pytest.fixture
+def tiny_raw(tiny_corpus, tmp_path):
+    """Raw config keys of a tiny BaseConv/attention hybrid that trains in well under a second per step."""
+
+    def make(**overrides):
+        raw = {
+            "num_layers": 4,
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "seq_length": 32,
+            "attention_config": [[["baseconv", "attention"], "all"]],
+            "norm": "rmsnorm",
+            "activation": "swiglu",
+            "pos_emb": "rotary",
+            "optimizer": {"type": "Adam", "params": {"lr": 2.0e-3, "betas": [0.9, 0.95]}},
+            "weight_decay": 0.1,
+            "warmup": 0.2,
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 1},
+            "train_micro_batch_size_per_gpu": 2,
+            "train_iters": 5,
+            "seed": 7,
+            "data_path": tiny_corpus["data_prefix"],
+            "split": "90,10,0",
+            "tokenizer_type": "SPMTokenizer",
+            "vocab_file": tiny_corpus["tokenizer"],
+            "data_cache_path": str(tmp_path / "cache"),
+            "eval_iters": 0,
+            "log_interval": 1,
+        }
+        raw.update(overrides)
+        return raw
+
+    return make

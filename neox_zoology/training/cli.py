@@ -30,6 +30,10 @@ def _report(msg: str) -> None:
 
 
 def main(argv=None) -> int:
+    import warnings
+
+    # DeepSpeed's ZeRO calls a torch.distributed API that torch has renamed; harmless, once per rank.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
     ns = parse(argv)
     from neox_zoology.config import ConfigError, check_paths, load
 
