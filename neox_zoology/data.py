@@ -38,6 +38,37 @@ def _blend(paths, weights):
     return (list(paths), [float(w) for w in weights] if weights else None)
 
 
+def check_split(args) -> None:
+    """Refuse a `split` that leaves a used part of `data_path` empty.
+
+    megatron-core assigns documents [round(a*n), round(b*n)) to each split; asked for samples from an
+    empty split, its epoch count never reaches the request and it loops forever.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from neox_zoology.config import ConfigError
+
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's string
+        raise ConfigError(f"split: {args.split!r} is not 'train,valid,test' proportions ({exc})") from None
+    n = len(IndexedDataset(args.data_path, mmap=True))
+    for name, part in zip(("train", "validation", "test"), matrix):
+        if part is None:
+            continue
+        docs = int(round(part[1] * n)) - int(round(part[0] * n))
+        if docs == 0:
+            raise ConfigError(
+                f"{args.sources.get('split', 'config')}: split {args.split!r} leaves the {name} part of "
+                f"{args.data_path} with 0 of its {n} documents; give that part a larger share, or 0 "
+                f"to drop it"
+            )
+
+
 def build_datasets(args, tokenizer, eval_runs: int) -> Splits:
     """GPTDatasets sized for `train_iters` steps and `eval_runs` evaluations of `eval_iters` batches."""
     g = args.global_batch
@@ -55,6 +86,7 @@ def build_datasets(args, tokenizer, eval_runs: int) -> Splits:
         mmap_bin_files=True,
     )
     if args.data_path:
+        check_split(args)
         config = GPTDatasetConfig(blend=([args.data_path], None), split=args.split, **common)
     else:
         config = GPTDatasetConfig(

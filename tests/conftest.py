@@ -39,7 +39,7 @@ def tiny_raw(tiny_corpus, tmp_path):
             "norm": "rmsnorm",
             "activation": "swiglu",
             "pos_emb": "rotary",
-            "optimizer": {"type": "Adam", "params": {"lr": 2.0e-3, "betas": [0.9, 0.95]}},
+            "optimizer": {"type": "Adam", "params": {"lr": 1.0e-2, "betas": [0.9, 0.95]}},
             "weight_decay": 0.1,
             "warmup": 0.2,
             "gradient_clipping": 1.0,

@@ -19,9 +19,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank, world, port, conn, args):
+def _child(fn, rank, world, port, conn, args, timeout):
     try:
+        import faulthandler
+
         import torch
+
+        faulthandler.dump_traceback_later(max(1.0, timeout - 5), exit=False)  # a hung rank shows where
 
         torch.set_num_threads(1)
         os.environ.update(
@@ -44,7 +48,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
     procs, pipes = [], []
     for rank in range(world):
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(fn, rank, world, port, child, args))
+        p = ctx.Process(target=_child, args=(fn, rank, world, port, child, args, timeout))
         p.start()
         child.close()
         procs.append(p)
