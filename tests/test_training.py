@@ -109,11 +109,14 @@ def test_checkpoint_resume_continues_exactly(tiny_raw, tmp_path, pipe, world):
     first = train({**raw, "train_iters": 3, "lr_decay_iters": 6, "save": str(tmp_path / "b")}, world)[0]
     assert (tmp_path / "b" / "latest").read_text() == "global_step3"
     assert (tmp_path / "b" / "global_step3" / "configs" / "config.yml").exists()
-    resumed = train({**raw, "save": str(tmp_path / "b"), "load": str(tmp_path / "b")}, world)[0]
+    resumed = train({**raw, "save": str(tmp_path / "b"), "load": str(tmp_path / "b"), "checkpoint_factor": 1,
+                     "keep_last_n_checkpoints": 2, "log_dir": str(tmp_path / "logs")}, world)[0]
     assert resumed["start_iteration"] == 3
     assert losses(first) == losses(straight)[:3]
     assert losses(resumed) == losses(straight)[3:]  # bit-exact continuation (CPU, fp32)
     assert resumed["valid_losses"] == straight["valid_losses"][1:]
+    assert sorted(p.name for p in (tmp_path / "b").glob("global_step*")) == ["global_step5", "global_step6"]
+    assert "resumed from" in (tmp_path / "logs" / "train.log").read_text()
 
 
 # ----------------------------------------------------------------------------- real NeoX config, reuse in megatron-core

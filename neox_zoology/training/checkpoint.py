@@ -56,8 +56,26 @@ def save(engine, args, iteration: int) -> str:
         cfg_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(cfg_dir / "config.yml", yaml.safe_dump(args.to_dict(), sort_keys=True))
         _atomic_write(Path(save_dir, "latest"), tag)
+        if args.keep_last_n_checkpoints:
+            prune(save_dir, args.keep_last_n_checkpoints)
     torch.distributed.barrier()
     return str(Path(save_dir, tag))
+
+
+def complete_checkpoints(save_dir) -> list[Path]:
+    """Checkpoint directories whose save finished (the config is written after every rank's files)."""
+    found = [p for p in Path(save_dir).glob("global_step*") if (p / "configs" / "config.yml").exists()]
+    return sorted(found, key=lambda p: int(p.name[len("global_step"):]))
+
+
+def prune(save_dir, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (never the one `latest` names)."""
+    import shutil
+
+    latest = Path(save_dir, "latest").read_text().strip()
+    for old in complete_checkpoints(save_dir)[:-keep]:
+        if old.name != latest:
+            shutil.rmtree(old)
 
 
 def _atomic_write(path: Path, text: str) -> None:

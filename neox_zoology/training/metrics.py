@@ -59,6 +59,12 @@ class Logger:
     def __init__(self, args, rank: int):
         self.rank = rank
         self.writer = None
+        self.file = None
+        if rank == 0 and args.log_dir:
+            import os
+
+            os.makedirs(args.log_dir, exist_ok=True)
+            self.file = open(os.path.join(args.log_dir, "train.log"), "a", buffering=1)
         if rank == 0 and args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -67,6 +73,8 @@ class Logger:
     def info(self, msg: str):
         if self.rank == 0:
             print(msg, flush=True)
+            if self.file is not None:
+                self.file.write(msg + "\n")
 
     def scalars(self, step: int, values: dict, prefix: str = "train"):
         if self.writer is None:
@@ -77,5 +85,7 @@ class Logger:
         self.writer.flush()
 
     def close(self):
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()

@@ -1,0 +1,163 @@
+"""H3 (Hungry Hungry Hippos), with heads of `head_dim` channels (H = d / head_dim heads).
+
+For channel c = h * P + i (head h, index i < P = head_dim), positions t:
+
+    q, k, v = W_q u + b_q, W_k u + b_k, W_v u + b_v
+    k~_c(t) = sum_{j < N} S_{c,j} k_c(t - j) + Dk_c k_c(t)                 shift SSM + skip
+    kv_{h,i,j}(t) = k~_{h,i}(t) v_{h,j}(t)
+    s_{h,i,j}(t)  = sum_{r <= t} K_h(t - r) kv_{h,i,j}(r) + D_h kv_{h,i,j}(t)   diagonal SSM + skip
+    o_{h,j}(t)    = sum_i q_{h,i}(t) s_{h,i,j}(t)
+    y = W_o o + b_o
+
+Shift SSM (state size N = d_state): A is the N x N shift matrix and B = e_0, so the state holds the last
+N inputs and its convolution kernel is an arbitrary N-tap FIR filter per channel, S_{c,j} = C_{c,j}
+(j < N; 0 after), initialised N(0, 1), as in the H3 paper. Taps past the input length are unused.
+
+Diagonal SSM: S4D-Lin with zero-order-hold discretisation, N/2 complex modes per head taken with their
+conjugates (so N real state dimensions; N must be even):
+
+    A_{h,n} = -exp(log_A_real_{h,n}) + i A_imag_{h,n},   init -0.5 + i pi n
+    dt_h = exp(log_dt_h),                                init log-uniform in [1e-3, 1e-1]
+    K_h(l) = 2 Re sum_{n < N/2} C_{h,n} (e^{dt_h A_{h,n}} - 1) / A_{h,n} e^{l dt_h A_{h,n}}
+
+(B is folded into C; C ~ complex N(0, 1).) K is computed in closed form at the input length, in
+fp32, once per forward; the [H, N/2, L] Vandermonde intermediate is recomputed in backward rather than
+stored. Both convolutions run through `fft_causal_conv`. D and Dk ~ N(0, 1).
+
+Deliberate choice against the reference: the references lay the head outputs out as (j, h); we keep
+(h, j) so that a head's outputs stay contiguous under tensor parallelism (W_o is initialised i.i.d.,
+so this only relabels its input columns).
+
+Tensor parallelism: heads split. The q/k/v projection is one column-parallel Linear with a per-head
+[q | k | v] layout, all SSM parameters hold this rank's heads / channels, W_o is row-parallel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from neox_zoology import flops
+from neox_zoology.mixers.base import Mixer, full_then_local
+from neox_zoology.mixers.fftconv import fast_fft_size, fft_causal_conv
+from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_size, tp_slice
+from neox_zoology.registry import MixerSpec, register
+
+DT_MIN, DT_MAX = 1e-3, 1e-1
+
+
+def _tp_param(full: torch.Tensor, local: slice, dtype) -> nn.Parameter:
+    return mark_tp_param(nn.Parameter(full_then_local(full, 0, local).to(dtype)))
+
+
+class DiagonalSSMKernel(nn.Module):
+    """S4D-Lin kernel K [H_local, L] (see the module docstring)."""
+
+    def __init__(self, heads: int, d_state: int, params_dtype=torch.float32):
+        super().__init__()
+        local, n = tp_slice(heads), d_state // 2
+        log_dt = torch.rand(heads) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
+        C = torch.randn(heads, n, 2) * math.sqrt(0.5)  # real view of a unit-variance complex normal
+        self.log_dt = _tp_param(log_dt, local, params_dtype)
+        self.C = _tp_param(C, local, params_dtype)
+        self.log_A_real = _tp_param(torch.full((heads, n), math.log(0.5)), local, params_dtype)
+        self.A_imag = _tp_param(math.pi * torch.arange(n, dtype=torch.float32).expand(heads, n), local, params_dtype)
+
+    def _kernel(self, L: int) -> torch.Tensor:
+        dt = self.log_dt.float().exp()[:, None]  # complex arithmetic needs fp32 (no complex bf16)
+        A = torch.complex(-self.log_A_real.float().exp(), self.A_imag.float())
+        dtA = dt * A  # [H, N/2]
+        C = torch.view_as_complex(self.C.float().contiguous()) * (torch.exp(dtA) - 1) / A
+        l = torch.arange(L, device=dtA.device, dtype=torch.float32)
+        return 2 * torch.einsum("hn,hnl->hl", C, torch.exp(dtA[..., None] * l)).real
+
+    def forward(self, L: int) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.C.requires_grad:
+            return checkpoint(self._kernel, L, use_reentrant=False)
+        return self._kernel(L)
+
+
+class H3(Mixer):
+    def __init__(self, config, layer_number: int = 1, *, seq_length: int, d_state: int = 64, head_dim: int = 1,
+                 **stack_kwargs):
+        super().__init__(config, layer_number, **stack_kwargs)
+        d, dtype = config.hidden_size, config.params_dtype
+        heads = d // head_dim
+        self.head_dim = head_dim
+        self.local_heads = heads // tp_size()
+        self.qkv = ColumnLinear(d, 3 * d, config=config, init_method=config.init_method, bias=True,
+                                gather_output=False)
+        self.shift_C = _tp_param(torch.randn(d, d_state), tp_slice(d), dtype)  # FIR taps of the shift SSM
+        self.D_k = _tp_param(torch.randn(d), tp_slice(d), dtype)
+        self.ssm = DiagonalSSMKernel(heads, d_state, dtype)
+        self.D = _tp_param(torch.randn(heads), tp_slice(heads), dtype)
+        self.out_proj = RowLinear(d, d, config=config, init_method=config.output_layer_init_method, bias=True,
+                                  input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+        s, b, _ = hidden_states.shape
+        H, P = self.local_heads, self.head_dim
+        qkv, _ = self.qkv(hidden_states)  # [s, b, H * 3 * P]
+        q, k, v = qkv.view(s, b, H, 3, P).permute(3, 1, 2, 4, 0).unbind(0)  # each [b, H, P, s]
+        k = k.reshape(b, H * P, s)
+        k = fft_causal_conv(k, self.shift_C[:, :s]) + self.D_k[:, None] * k
+        kv = k.view(b, H, P, 1, s) * v.view(b, H, 1, P, s)  # [b, H, P_i, P_j, s]
+        kv = kv.reshape(b, H * P * P, s)
+        # every (i, j) pair of a head shares the head's kernel and skip
+        K = self.ssm(s).repeat_interleave(P * P, dim=0)  # kept in fp32: the FFT runs in fp32 anyway
+        Dh = self.D.repeat_interleave(P * P)
+        ssm_out = (fft_causal_conv(kv, K) + Dh[:, None] * kv).view(b, H, P, P, s)
+        o = (q.unsqueeze(3) * ssm_out).sum(2)  # sum over i: [b, H, P_j, s]
+        y, _ = self.out_proj(o.reshape(b, H * P, s).permute(2, 0, 1))
+        return y, None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate(shape, args):
+    errors = []
+    n, p, d = args["d_state"], args["head_dim"], shape.hidden_size
+    if not _is_int(n) or n <= 0 or n % 2:
+        errors.append(f"h3.d_state: {n!r}; use a positive even int (the diagonal SSM takes N/2 complex modes "
+                      f"with their conjugates), e.g. 64")
+    if not _is_int(p) or p <= 0 or d % p:
+        errors.append(f"h3.head_dim: {p!r}; use a positive int that divides hidden_size {d}, e.g. 1")
+    elif (d // p) % shape.tp:
+        errors.append(f"h3: {d // p} heads (hidden_size {d} / head_dim {p}) do not split over model_parallel_size "
+                      f"{shape.tp}; change head_dim or the TP size")
+    return errors
+
+
+def _fft_conv_flops(channels: int, L: int, kernel_len: int) -> float:
+    """flops.fft_conv's count for a kernel of `kernel_len` taps (FFT size fast_fft_size(L + kernel_len))."""
+    n = fast_fft_size(L + kernel_len)
+    return channels * (2 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)) / L
+
+
+def _flops(shape, args):
+    d, L, n, p = shape.hidden_size, shape.seq_length, args["d_state"], args["head_dim"]
+    heads = d // p
+    f = flops.linear(d, 3 * d) + flops.linear(d, d)
+    f += _fft_conv_flops(d, L, min(n, L))  # shift SSM (an n-tap filter)
+    f += flops.fft_conv(p * d, L)  # diagonal SSM on the P x P products of every head
+    f += 2.0 * p * d  # the q contraction over i, a [1 x P] @ [P x P] product per head
+    f += 4.0 * heads * n  # kernel generation, per position: N/2 complex multiply-adds per head
+    return f
+
+
+register(
+    MixerSpec(
+        name="h3",
+        module=H3,
+        defaults={"d_state": 64, "head_dim": 1},
+        # whole heads of head_dim channels; not num_attention_heads, which "heads" would make config check
+        tp_split="channels",
+        flops=_flops,
+        validate=_validate,
+        doc="H3: y = W_o sum_i q_i * (SSM_diag * (shift_SSM(k)_i v) + D ...); S4D-Lin diagonal SSM, heads split",
+    )
+)

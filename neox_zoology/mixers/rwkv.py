@@ -1,0 +1,221 @@
+"""RWKV-4: the time mix as the sequence mixer, the channel mix as the block's MLP.
+
+Time mix, per channel c and position t (x_{-1} = 0):
+
+    xk = mu_k x_t + (1 - mu_k) x_{t-1}        (likewise xv, xr with mu_v, mu_r: token shift)
+    k = W_k xk,  v = W_v xv,  r = W_r xr
+    wkv_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t)
+          / (sum_{i<t} e^{-(t-1-i) w + k_i}     + e^{u + k_t})
+    y = W_o (sigmoid(r) * wkv)
+
+with w = exp(time_decay) > 0 (RWKV-4's kernel takes -exp(time_decay) and decays by e^{-w} per step)
+and u = time_first. Init as RWKV-4, with r0 = (layer - 1) / (num_layers - 1), r1 = 1 - (layer - 1) /
+num_layers (layer counted from 1 over all layers):
+time_decay_c = -5 + 8 (c / (d - 1))^(0.7 + 1.3 r0); time_first_c = ln 0.3 + 0.5 ((c + 1) mod 3 - 1);
+mu_k = (c/d)^r1, mu_v = (c/d)^r1 + 0.3 r0, mu_r = (c/d)^(0.5 r1).
+
+Channel mix (ChannelMix, registered as this type's `mlp`):
+
+    k = relu(W_k xk)^2   (W_k: d -> ffn, ffn = the block's MLP width, 4d by default)
+    y = sigmoid(W_r xr) * (W_v k)          mu_k = mu_r = (c/d)^r1
+
+WKV is computed exactly, with no CUDA kernel and no length limit (see `wkv`): the sequence is cut
+into chunks of `wkv_chunk` positions; inside a chunk the sums are one masked [T, T+1] product per
+chunk (the chunk's own positions plus the state entering it) whose exponents are formed directly as
+-(t-1-i) w + k_i and shifted by their row maximum before `exp`; the state entering each chunk is the
+same decayed sum over chunk summaries (decay T w per chunk), computed by the same function
+recursively. Every sum is carried as (a, p) with value a e^p, so nothing overflows for any k or w,
+and no exponent is formed as a difference of large numbers. fp32 throughout; the [., T, T+1]
+temporaries are recomputed in backward instead of stored.
+
+Deliberate choices against the references: projections use the stack's init methods (RWKV-4 zeroes
+W_k, W_r, W_o of the time mix and W_v, W_r of the channel mix) and have no bias, as in RWKV-4.
+
+Tensor parallelism: channels split. Time mix: W_k, W_v, W_r column-parallel, time_decay / time_first
+hold this rank's channels, W_o row-parallel; the token-shift mixes act on the replicated input.
+Channel mix: W_k column-parallel, W_v row-parallel, W_r replicated (its d x d product is computed on
+every rank: cheaper than gathering a column-parallel gate).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from neox_zoology import flops
+from neox_zoology.mixers.base import Mixer, full_then_local
+from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_slice
+from neox_zoology.registry import MixerSpec, register
+
+EMPTY = -1e30
+"""Log-scale of an empty sum: finite, so that differences of scales never become inf - inf."""
+
+
+def _decayed_sums(q: torch.Tensor, x: torch.Tensor, lam: torch.Tensor, chunk: int, bonus=None):
+    """S_t = sum_{i<t} exp(-(t-1-i) lam + q_i) x_i  [+ exp(bonus + q_t) x_t with `bonus`], for every t.
+
+    q [B, C, n] log-magnitudes, x [B, C, n, m] values sharing them, lam [C] decay per step (> 0),
+    bonus [C] or None. Returns (a [B, C, n, m], p [B, C, n]) with S = a * e^p. Scales (row maxima)
+    carry no gradient: the represented value does not depend on them.
+    """
+    B, C, n = q.shape
+    m = x.shape[-1]
+    T = min(chunk, n)
+    nc = -(-n // T)
+    if nc * T != n:  # pad the end; padded positions add nothing (q = -inf, x = 0) and are dropped
+        q = F.pad(q, (0, nc * T - n), value=-math.inf)
+        x = F.pad(x, (0, 0, 0, nc * T - n))
+    q, x = q.view(B, C, nc, T), x.view(B, C, nc, T, m)
+    pos = torch.arange(T, device=q.device, dtype=q.dtype)
+    if nc > 1:
+        # what each chunk leaves for the next, sum_i exp(-(T-1-i) lam + q_i) x_i, then the state entering
+        # each chunk: the same decayed sum over chunk summaries, one chunk being T steps of decay
+        g = q - (T - 1 - pos) * lam.view(C, 1, 1)
+        g_max = g.detach().amax(-1).clamp(min=EMPTY)  # [B, C, nc]
+        summary = (torch.exp(g - g_max[..., None])[..., None, :] @ x).squeeze(-2)  # [B, C, nc, m]
+        a_in, p_in = _decayed_sums(g_max, summary, lam * T, chunk)
+    else:
+        a_in, p_in = x.new_zeros(B, C, 1, m), q.new_full((B, C, 1), EMPTY)
+    # One [T, T+1] exponent matrix per chunk, E[t, i] = q_i - G[t, i]: columns i < T are the chunk's own
+    # positions (G = (t-1-i) lam for i < t, -bonus at i = t, +inf after), column T the entering state
+    # (q = its scale, G = t lam). Each row is shifted by its own maximum before exp.
+    gap = pos[:, None] - 1 - pos[None, :]
+    G = (gap * lam.view(C, 1, 1)).masked_fill(gap < 0, math.inf)
+    if bonus is not None:
+        G = torch.where(gap == -1, -bonus.view(C, 1, 1), G)
+    G = torch.cat([G, (pos * lam.view(C, 1))[..., None]], dim=-1).view(C, 1, T, T + 1)
+    E = torch.cat([q, p_in[..., None]], dim=-1)[..., None, :] - G  # [B, C, nc, T, T+1]
+    p = E.detach().amax(-1).clamp(min=EMPTY)
+    a = torch.exp(E - p[..., None]) @ torch.cat([x, a_in[..., None, :]], dim=-2)
+    return a.reshape(B, C, nc * T, m)[:, :, :n], p.reshape(B, C, nc * T)[:, :, :n]
+
+
+def _wkv(time_decay, time_first, k, v, chunk):
+    w = time_decay.exp().clamp(max=1e30)  # e^{-w} is already 0 in fp32 long before the clamp
+    x = torch.stack([v, torch.ones_like(v)], dim=-1)  # numerator and denominator share exponents
+    a, _ = _decayed_sums(k, x, w, chunk, bonus=time_first)
+    return a[..., 0] / a[..., 1]  # common scale cancels; the scaled denominator is >= 1
+
+
+def wkv(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        chunk: int = 8) -> torch.Tensor:
+    """RWKV-4 WKV for k, v [B, C, L] and per-channel time_decay, time_first [C]; fp32 inside."""
+    args = (time_decay.float(), time_first.float(), k.float().contiguous(), v.float().contiguous(), chunk)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
+        out = checkpoint(_wkv, *args, use_reentrant=False)
+    else:
+        out = _wkv(*args)
+    return out.to(v.dtype)
+
+
+def token_shift(x: torch.Tensor) -> torch.Tensor:
+    """x [s, b, h] -> x_{t-1} (zeros at t = 0)."""
+    return F.pad(x, (0, 0, 0, 0, 1, 0))[:-1]
+
+
+def _layer_ratios(config, layer_number: int) -> tuple[float, float]:
+    """RWKV-4's r0 (0 -> 1 over the layers) and r1 (1 -> ~0)."""
+    n, i = max(config.num_layers, 1), min(max(layer_number - 1, 0), max(config.num_layers - 1, 0))
+    return (i / (n - 1) if n > 1 else 0.0), 1.0 - i / n
+
+
+def _position_ramp(d: int) -> torch.Tensor:
+    return torch.arange(d, dtype=torch.float32) / d
+
+
+class RWKVTimeMix(Mixer):
+    def __init__(self, config, layer_number: int = 1, *, seq_length: int, wkv_chunk: int = 8, **stack_kwargs):
+        super().__init__(config, layer_number, **stack_kwargs)
+        d, dtype = config.hidden_size, config.params_dtype
+        r0, r1 = _layer_ratios(config, layer_number)
+        self.chunk = wkv_chunk
+        ramp = _position_ramp(d)
+        self.time_mix_k = nn.Parameter(ramp.pow(r1).to(dtype))
+        self.time_mix_v = nn.Parameter((ramp.pow(r1) + 0.3 * r0).to(dtype))
+        self.time_mix_r = nn.Parameter(ramp.pow(0.5 * r1).to(dtype))
+        c = torch.arange(d, dtype=torch.float32)
+        decay = -5 + 8 * (c / max(d - 1, 1)).pow(0.7 + 1.3 * r0)
+        first = math.log(0.3) + 0.5 * ((c + 1) % 3 - 1)
+        local = tp_slice(d)
+        self.time_decay = mark_tp_param(nn.Parameter(full_then_local(decay, 0, local).to(dtype)))
+        self.time_first = mark_tp_param(nn.Parameter(full_then_local(first, 0, local).to(dtype)))
+        col = dict(config=config, init_method=config.init_method, bias=False, gather_output=False)
+        self.key = ColumnLinear(d, d, **col)
+        self.value = ColumnLinear(d, d, **col)
+        self.receptance = ColumnLinear(d, d, **col)
+        self.output = RowLinear(d, d, config=config, init_method=config.output_layer_init_method, bias=False,
+                                input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+        x = hidden_states  # [s, b, h]
+        prev = token_shift(x)
+        k, _ = self.key(prev + self.time_mix_k * (x - prev))
+        v, _ = self.value(prev + self.time_mix_v * (x - prev))
+        r, _ = self.receptance(prev + self.time_mix_r * (x - prev))
+        mixed = wkv(self.time_decay, self.time_first, k.permute(1, 2, 0), v.permute(1, 2, 0), self.chunk)
+        y, _ = self.output(torch.sigmoid(r) * mixed.permute(2, 0, 1))
+        return y, None
+
+
+class ChannelMix(nn.Module):
+    """RWKV-4 channel mix, the MLP of an rwkv block: [s, b, h] -> [s, b, h]."""
+
+    def __init__(self, config, layer_number: int = 1):
+        super().__init__()
+        d, ffn, dtype = config.hidden_size, config.ffn_hidden_size, config.params_dtype
+        _, r1 = _layer_ratios(config, layer_number)
+        ramp = _position_ramp(d)
+        self.time_mix_k = nn.Parameter(ramp.pow(r1).to(dtype))
+        self.time_mix_r = nn.Parameter(ramp.pow(r1).to(dtype))
+        self.key = ColumnLinear(d, ffn, config=config, init_method=config.init_method, bias=False,
+                                gather_output=False)
+        self.value = RowLinear(ffn, d, config=config, init_method=config.output_layer_init_method, bias=False,
+                               input_is_parallel=True, skip_bias_add=False)
+        receptance = torch.empty(d, d)
+        config.init_method(receptance)
+        self.receptance = nn.Parameter(receptance.to(dtype))  # replicated over TP ranks
+
+    def forward(self, x):
+        prev = token_shift(x)
+        k, _ = self.key(prev + self.time_mix_k * (x - prev))
+        kv, _ = self.value(torch.relu(k).square())
+        return torch.sigmoid(F.linear(prev + self.time_mix_r * (x - prev), self.receptance)) * kv
+
+    @staticmethod
+    def flops(d: int, ffn: int) -> float:
+        """Forward FLOPs per token (to replace the configured MLP's count)."""
+        return flops.linear(d, ffn) + flops.linear(ffn, d) + flops.linear(d, d)
+
+
+def _validate(shape, args):
+    errors = []
+    c = args["wkv_chunk"]
+    if not isinstance(c, int) or isinstance(c, bool) or c < 2:
+        errors.append(f"rwkv.wkv_chunk: {c!r}; use an int >= 2 (positions per WKV chunk), e.g. 8")
+    if shape.hidden_size % shape.tp:
+        errors.append(f"rwkv: hidden_size {shape.hidden_size} does not split over model_parallel_size {shape.tp}; "
+                      f"use a TP size that divides it")
+    return errors
+
+
+def _flops(shape, args):
+    d = shape.hidden_size
+    # k, v, r, o projections; WKV's per-chunk [T, T+1] @ [T+1, 2] products (numerator and denominator)
+    return 4 * flops.linear(d, d) + 4.0 * (args["wkv_chunk"] + 1) * d
+
+
+register(
+    MixerSpec(
+        name="rwkv",
+        module=RWKVTimeMix,
+        defaults={"wkv_chunk": 8},
+        tp_split="channels",
+        flops=_flops,
+        validate=_validate,
+        mlp=ChannelMix,
+        doc="RWKV-4 time mix (exact chunked WKV, no length limit) with the channel mix as the block's MLP",
+    )
+)
