@@ -23,5 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# CPU benchmarks; each prints JSON with ratios against a peer measured in the same run.
+bench: $(STAMP)
+	mkdir -p bench/results
+	$(PY) -m bench.trainer_overhead --out bench/results/trainer_overhead.json
+
 clean:
 	rm -rf runs data/demo

@@ -75,6 +75,17 @@ def test_pp2_equals_pp1_and_plain_engine(tiny_raw):
         assert losses(s) == pytest.approx(pp1, abs=1e-5)
 
 
+ALL_TYPES = ["baseconv", "attention", "hyena", "h3", "rwkv", "long_conv", "sliding_window", "baseconv"]
+
+
+def test_pp2_equals_pp1_for_a_hybrid_of_every_layer_type(tiny_raw):
+    raw = tiny_raw(num_layers=len(ALL_TYPES), attention_config=[[ALL_TYPES, "all"]], train_iters=3,
+                   sliding_window={"window": 8}, h3={"d_state": 8}, hyena={"filter_order": 8})
+    pp1 = losses(train({**raw, "pipe_parallel_size": 1}, 1)[0])
+    for s in train({**raw, "pipe_parallel_size": 2}, 2):
+        assert losses(s) == pytest.approx(pp1, abs=1e-5)
+
+
 def test_tp2_pp2_trains_like_tp1(tiny_raw):
     raw = tiny_raw(pipe_parallel_size=1, vocab_size=512)
     ref = losses(train(raw, 1)[0])
@@ -185,3 +196,14 @@ def test_deepspeed_launcher_two_ranks(tiny_raw, tmp_path):
     s = json.loads(summary.read_text())
     assert len(s["losses"]) == 3 and s["checkpoint"].endswith("global_step3")
     assert "DP 2" in r.stdout
+
+
+@pytest.mark.parametrize("arch", ["attention", "baseconv", "hyena", "h3", "rwkv", "long_conv"])
+def test_paper_70m_configs_train_on_cpu_with_short_sequences(tiny_corpus, tmp_path, arch):
+    sets = ["seq_length=64", "bf16={enabled: false}", "vocab_size=null", "train_micro_batch_size_per_gpu=2",
+            "train_batch_size=null", "train_iters=2", "lr_decay_iters=2", "log_interval=1", "eval_iters=0",
+            "split='90,10,0'", f"data_path={tiny_corpus['data_prefix']}", "tokenizer_type=SPMTokenizer",
+            f"vocab_file={tiny_corpus['tokenizer']}", f"data_cache_path={tmp_path}", "pipe_parallel_size=0"]
+    args = load([str(ROOT / f"configs/neox/{arch}_70m.yml")], sets=sets, world_size=1)
+    s = run_ranks(_run_args, 1, args)[0]
+    assert len(s["losses"]) == 2 and all(0 < l < 20 for l in losses(s))
