@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench/results
 	$(PY) -m bench.trainer_overhead --out bench/results/trainer_overhead.json
+	$(PY) -m bench.mixers --seq-len 2048 --out bench/results/mixers_2048.json --md bench/results/mixers_2048.md
 
 clean:
 	rm -rf runs data/demo

@@ -40,13 +40,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.common import cores, loadavg, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,12 +64,6 @@ VARIANTS = {
     "sliding_window": ("sliding_window", {"window": 256}),
 }
 
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def default_variants() -> list[str]:
@@ -122,6 +117,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="non-power-of-two length also used in the FFT check (0: none; default 2100)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON here")
     p.add_argument("--md", default=None, metavar="FILE", help="also write a Markdown table here")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="combine the results of earlier runs (same hidden/heads; later files win per (mixer, L)), "
+                        "recompute ratios and targets, and write --out/--md; nothing is measured")
     p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     ns.seq_len = ns.seq_len or [2048]
@@ -143,43 +141,6 @@ def parse(argv=None) -> argparse.Namespace:
     return ns
 
 
-def machine(threads: int) -> dict:
-    import torch
-
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return {
-        "cpu": cpu or platform.processor() or platform.machine(),
-        "cores": _cores(),
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "mem_total_bytes": mem,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.is_available(),
-        "loadavg_1min_at_end": _loadavg(),
-    }
-
-
-def _loadavg():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def _rss_bytes() -> int | None:
@@ -259,7 +220,7 @@ def measure(variant: str, *, batch: int, hidden: int, heads: int, L: int, repeat
 def _one(ns) -> dict:
     import torch
 
-    torch.set_num_threads(ns.threads or _cores())
+    torch.set_num_threads(ns.threads or cores())
     return measure(ns._one, batch=ns.batch, hidden=ns.hidden, heads=ns.heads, L=ns.seq_len[0],
                    repeats=ns.repeats, warmup=ns.warmup, mem=True)
 
@@ -330,23 +291,26 @@ def fft_check(batch: int, hidden: int, L: int, repeats: int, warmup: int) -> dic
             "target_met": o / n <= FFT_TARGET, "max_abs_diff": err, "ours_times_s": ours_t, "naive_times_s": naive_t}
 
 
-def _targets(rows_by_L: dict, Ls: list[int]) -> list[dict]:
+def _targets(rows_by_key: dict, keys: list) -> list[dict]:
+    """Target verdicts of the gated convolutions; a key is a length L or an (L, batch) group."""
     out = []
-    for L in Ls:
-        rows = rows_by_L.get(L, {})
+    for key in keys:
+        L, batch = key if isinstance(key, tuple) else (key, None)
+        rows = rows_by_key.get(key, {})
+        where = {"mixer": None, "seq_len": L} if batch is None else {"mixer": None, "seq_len": L, "batch": batch}
         for m in GATED:
             r = rows.get(m)
             if r is None:
                 continue
             if L in TARGET_TIME:
-                t = {"mixer": m, "seq_len": L, "kind": "time", "target": f"time <= {TARGET_TIME[L]}x attention"}
+                t = {**where, "mixer": m, "kind": "time", "target": f"time <= {TARGET_TIME[L]}x attention"}
                 if "ratio_time" in r:
                     t.update(value=r["ratio_time"], met=r["ratio_time"] <= TARGET_TIME[L])
                 else:
                     t.update(value=None, met=None, note=r.get("skipped") or r.get("error") or "no attention peer")
                 out.append(t)
             if L == MEM_TARGET_L:
-                t = {"mixer": m, "seq_len": L, "kind": "memory", "target": "activation memory < attention"}
+                t = {**where, "mixer": m, "kind": "memory", "target": "activation memory < attention"}
                 if r.get("ratio_mem") is not None:
                     t.update(value=r["ratio_mem"], met=r["ratio_mem"] < 1.0)
                 else:
@@ -359,8 +323,8 @@ def run_benchmark(ns) -> dict:
     import torch
 
     t_start = time.perf_counter()
-    load_start = _loadavg()
-    threads = ns.threads or _cores()
+    load_start = loadavg()
+    threads = ns.threads or cores()
     torch.set_num_threads(threads)
     variants = expand(ns.mixers.split(",")) if ns.mixers else default_variants()
     if "attention" not in variants:
@@ -437,13 +401,23 @@ def run_benchmark(ns) -> dict:
     }
 
 
+def _per_L(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{n} at L={L}" for L, n in v.items())
+    return str(v)
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"# Mixer forward+backward vs attention (hidden {result['hidden']}, {result['attention_heads']} heads, "
-        f"batch {result['batch']}{', ' + ', '.join(f'batch {b} at L={L}' for L, b in result['batch_at'].items()) if result['batch_at'] else ''}, fp32)",
+        + ("batch per row: each mixer vs attention at the same L and batch"
+           if "runs" in result else
+           f"batch {result['batch']}{', ' + ', '.join(f'batch {b} at L={L}' for L, b in result['batch_at'].items()) if result['batch_at'] else ''}")
+        + ", fp32)",
         "",
         f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['threads']} threads, "
-        f"torch {result['machine']['torch']}. Median of {result['repeats']} steps after {result['warmup']} warm-up. "
+        f"torch {result['machine']['torch']}. Median of timed steps (repeats: {_per_L(result['repeats'])}) after "
+        f"untimed warm-up steps ({_per_L(result['warmup'])}). "
         "Activation memory = peak RSS - RSS before the forward, fresh subprocess per row.",
         "",
         "| mixer | L | batch | time s | ratio to attention | activation memory MB | ratio | target met |",
@@ -451,7 +425,7 @@ def markdown(result: dict) -> str:
     ]
     tmap = {}
     for t in result["targets"]:
-        tmap.setdefault((t["mixer"], t["seq_len"]), []).append(t)
+        tmap.setdefault((t["mixer"], t["seq_len"], t.get("batch")), []).append(t)
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
@@ -463,7 +437,7 @@ def markdown(result: dict) -> str:
             continue
         mem = r.get("peak_mem_bytes")
         marks = []
-        for t in tmap.get((r["mixer"], r["seq_len"]), []):
+        for t in tmap.get((r["mixer"], r["seq_len"], r["batch"]), tmap.get((r["mixer"], r["seq_len"], None), [])):
             label = "time" if t["kind"] == "time" else "mem"
             marks.append(f"{label} {'yes' if t['met'] else 'no' if t['met'] is not None else '?'}"
                          + (f" (<= {TARGET_TIME[t['seq_len']]}x)" if t["kind"] == "time" else " (< 1x)"))
@@ -484,12 +458,65 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_key(run: dict, L: int) -> str:
+    return f"{L} (batch {run.get('batch_at', {}).get(str(L), run['batch'])})"
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several runs' JSON (e.g. L=2048 and L=16384 run separately)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    base = dict(runs[0])
+    for r in runs[1:]:
+        for key in ("hidden", "attention_heads", "dtype"):
+            if r[key] != base[key]:
+                raise SystemExit(f"--merge: {key} differs between runs ({base[key]} vs {r[key]})")
+    # rows are grouped by (L, batch): each mixer is compared with attention at the same length AND batch
+    rows, fft, keys = {}, {}, []
+    for r in runs:
+        for row in r["results"]:
+            key = (row["seq_len"], row["batch"])
+            rows[key + (row["mixer"],)] = row
+            keys.append(key)
+        for c in r["fft_check"]:
+            fft[(c["seq_len"], c["batch"])] = c
+    keys = list(dict.fromkeys(keys))
+    Ls = list(dict.fromkeys(k[0] for k in keys))
+    rows_by_L = {k: {m: row for (l, b, m), row in rows.items() if (l, b) == k} for k in keys}
+    results = [row for k in keys for row in rows_by_L[k].values()]
+    for k in keys:
+        att = rows_by_L[k].get("attention", {})
+        for row in rows_by_L[k].values():
+            row.pop("ratio_time", None)
+            row.pop("ratio_mem", None)
+            if "time_s" in row and "time_s" in att:
+                row["ratio_time"] = row["time_s"] / att["time_s"]
+            if row.get("peak_mem_bytes") is not None and att.get("peak_mem_bytes"):
+                row["ratio_mem"] = row["peak_mem_bytes"] / att["peak_mem_bytes"]
+    targets = _targets(rows_by_L, keys)
+    decided = [t for t in targets if t["met"] is not None]
+    batch_at = {}
+    for r in runs:
+        batch_at.update(r.get("batch_at", {}))
+    base.update(
+        seq_lens=Ls, results=results, targets=targets, batch_at=batch_at,
+        targets_met=sum(1 for t in decided if t["met"]), targets_missed=sum(1 for t in decided if not t["met"]),
+        targets_undecided=len(targets) - len(decided), fft_check=list(fft.values()),
+        repeats={_run_key(r, L): r["repeats"] for r in runs for L in r["seq_lens"]},
+        warmup={_run_key(r, L): r["warmup"] for r in runs for L in r["seq_lens"]},
+        runs=[{"seq_lens": r["seq_lens"], "batch": r["batch"], "batch_at": r.get("batch_at", {}),
+               "repeats": r["repeats"], "warmup": r["warmup"], "wall_s": r["wall_s"], "machine": r["machine"]}
+              for r in runs],
+        wall_s=sum(r["wall_s"] for r in runs),
+    )
+    return base
+
+
 def main(argv=None) -> dict:
     ns = parse(argv)
     if ns._one:
         print(json.dumps(_one(ns)), flush=True)
         return {}
-    result = run_benchmark(ns)
+    result = merge(ns.merge) if ns.merge else run_benchmark(ns)
     text = json.dumps(result, indent=2)
     if ns.out:
         os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)

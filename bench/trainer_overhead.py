@@ -29,23 +29,18 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from bench.common import cores, loadavg, machine
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "neox" / "demo_cpu.yml"
 TARGET_RATIO = 1.3
 
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -79,37 +74,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def machine(threads: int) -> dict:
-    import deepspeed
-    import torch
-
-    cpu = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu or platform.processor() or platform.machine(),
-        "cores": _cores(),
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "cuda": torch.cuda.is_available(),
-        "loadavg_1min_at_end": _loadavg(),
-    }
-
-
-def _loadavg():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 @contextlib.contextmanager
@@ -168,8 +132,8 @@ def run_benchmark(ns: argparse.Namespace) -> dict:
     import torch
 
     t_start = time.perf_counter()
-    load_start = _loadavg()
-    threads = ns.threads or _cores()
+    load_start = loadavg()
+    threads = ns.threads or cores()
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
     if not ns.verbose:
