@@ -29,7 +29,7 @@ at L=16384. `--batch-at L=B` runs length L at batch B for BOTH the mixer and its
 
 FFT check: `fft_causal_conv` vs the straightforward formula (rfft at n = 2L, multiply, irfft,
 slice [:L]) on u [batch, hidden, L] with a [hidden, L] filter, forward+backward; target ours/naive
-<= 1.0. Ours picks the smallest even 2-3-5-smooth n >= 2L, so at power-of-two L both use the same n
+<= 1.0. Ours picks the smallest even 7-smooth n >= 2L, so at power-of-two L both use the same n
 and the ratio is noise around 1.0; a non-power-of-two length (`--fft-extra-len`, default 2100) shows
 the difference.
 

@@ -23,10 +23,11 @@ def attention_core(d: int, L: int, window: int = 0) -> float:
     return 4.0 * span * d
 
 
-def fft_conv(channels: int, L: int) -> float:
+def fft_conv(channels: int, L: int, kernel_len: int | None = None) -> float:
+    """Causal FFT convolution of `channels` sequences of length L with filters of `kernel_len` taps (default L)."""
     from neox_zoology.mixers.fftconv import fast_fft_size
 
-    n = fast_fft_size(2 * L)
+    n = fast_fft_size(L + (L if kernel_len is None else kernel_len))
     per_channel_seq = 2 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)
     return channels * per_channel_seq / L
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import neox_zoology
 from dist import gather_tp_grad, init_tp, run_ranks
+from properties import assert_causal
 
 D, L, HEADS = 32, 24, 4
 
@@ -89,13 +90,7 @@ def test_causal(name, kw, layer_index, train):
     m = neox_zoology.build_mixer(name, hidden_size=D, seq_length=L, num_attention_heads=HEADS,
                                  layer_index=layer_index, **kw)
     m.train(train)
-    x = torch.randn(2, L, D)
-    t = 10
-    x2 = x.clone()
-    x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
-    y, y2 = m(x), m(x2)
-    torch.testing.assert_close(y[:, : t + 1], y2[:, : t + 1], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])  # the perturbation is visible later
+    assert_causal(m, torch.randn(2, L, D), 10, lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5))
 
 
 def _mixer_tp_run(rank, tp, name, kw, layer_index):
@@ -122,3 +117,19 @@ def test_tp2_equals_tp1(name, kw, layer_index):
         assert g2.keys() == g1.keys()
         for n in g1:
             torch.testing.assert_close(g2[n], g1[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_fft_size_is_the_smallest_even_7_smooth_size():
+    from neox_zoology.mixers.fftconv import fast_fft_size
+
+    def smooth(m):
+        for p in (2, 3, 5, 7):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    for n in (2, 3, 17, 2048, 4097, 4200, 4201, 32768):
+        got = fast_fft_size(n)
+        assert got >= n and got % 2 == 0 and smooth(got)
+        assert not any(m % 2 == 0 and smooth(m) for m in range(n, got))
+    assert fast_fft_size(4200) == 4200

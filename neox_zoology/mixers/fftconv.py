@@ -19,11 +19,14 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 
 @functools.lru_cache(maxsize=None)
 def fast_fft_size(n: int) -> int:
-    """Smallest even 2-3-5-smooth number >= n: sizes pocketfft and cuFFT handle fastest."""
+    """Smallest even 7-smooth number >= n: sizes pocketfft and cuFFT factor into fast radices.
+
+    (Rounding further to 5-smooth sizes was measured slower on CPU: 4320 vs 4200 at L = 2100.)
+    """
     m = max(2, n + (n % 2))
     while True:
         r = m
-        for p in (2, 3, 5):
+        for p in (2, 3, 5, 7):
             while r % p == 0:
                 r //= p
         if r == 1:

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer, full_then_local
-from neox_zoology.mixers.fftconv import fast_fft_size, fft_causal_conv
+from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_size, tp_slice
 from neox_zoology.registry import MixerSpec, register
 
@@ -132,17 +132,11 @@ def _validate(shape, args):
     return errors
 
 
-def _fft_conv_flops(channels: int, L: int, kernel_len: int) -> float:
-    """flops.fft_conv's count for a kernel of `kernel_len` taps (FFT size fast_fft_size(L + kernel_len))."""
-    n = fast_fft_size(L + kernel_len)
-    return channels * (2 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)) / L
-
-
 def _flops(shape, args):
     d, L, n, p = shape.hidden_size, shape.seq_length, args["d_state"], args["head_dim"]
     heads = d // p
     f = flops.linear(d, 3 * d) + flops.linear(d, d)
-    f += _fft_conv_flops(d, L, min(n, L))  # shift SSM (an n-tap filter)
+    f += flops.fft_conv(d, L, kernel_len=min(n, L))  # shift SSM (an n-tap filter)
     f += flops.fft_conv(p * d, L)  # diagonal SSM on the P x P products of every head
     f += 2.0 * p * d  # the q contraction over i, a [1 x P] @ [P x P] product per head
     f += 4.0 * heads * n  # kernel generation, per position: N/2 complex multiply-adds per head

@@ -150,9 +150,6 @@ def _validate(shape, args):
         errors.append(f"hyena.w: {args['w']!r}; use a number (the Sin frequency at init), e.g. 1 or 14")
     if not isinstance(args["modulate"], bool):
         errors.append(f"hyena.modulate: {args['modulate']!r}; use true or false")
-    if shape.hidden_size % shape.tp:
-        errors.append(f"hyena: hidden_size {shape.hidden_size} does not split over model_parallel_size {shape.tp}; "
-                      f"use a TP size that divides it")
     return errors
 
 

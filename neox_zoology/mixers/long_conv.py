@@ -72,9 +72,6 @@ def _validate(shape, args):
                       f"at init), e.g. 0.002")
     if not isinstance(args["glu"], bool):
         errors.append(f"long_conv.glu: {args['glu']!r}; use true (Linear(d, 2d) + GLU output) or false")
-    if shape.hidden_size % shape.tp:
-        errors.append(f"long_conv: hidden_size {shape.hidden_size} does not split over model_parallel_size "
-                      f"{shape.tp}; use a TP size that divides it")
     return errors
 
 

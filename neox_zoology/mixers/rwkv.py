@@ -195,9 +195,6 @@ def _validate(shape, args):
     c = args["wkv_chunk"]
     if not isinstance(c, int) or isinstance(c, bool) or c < 2:
         errors.append(f"rwkv.wkv_chunk: {c!r}; use an int >= 2 (positions per WKV chunk), e.g. 8")
-    if shape.hidden_size % shape.tp:
-        errors.append(f"rwkv: hidden_size {shape.hidden_size} does not split over model_parallel_size {shape.tp}; "
-                      f"use a TP size that divides it")
     return errors
 
 

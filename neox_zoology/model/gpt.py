@@ -16,7 +16,7 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from neox_zoology.model.block import ZooBlock, build_norm
-from neox_zoology.parallel import VocabEmbedding, copy_to_tp, tp_size
+from neox_zoology.parallel import ColumnLinear, VocabEmbedding, copy_to_tp, tp_size
 
 
 class EmbeddingPipe(nn.Module):
@@ -59,8 +59,6 @@ class LMHeadPipe(nn.Module):
 
     def __init__(self, args, config):
         super().__init__()
-        from neox_zoology.parallel import ColumnLinear
-
         self.proj = ColumnLinear(
             args.hidden_size, args.padded_vocab_size, config=config, init_method=config.init_method,
             bias=False, gather_output=False,

@@ -10,7 +10,6 @@ from neox_zoology.parallel.tp import (  # noqa: F401
     RowLinear,
     copy_to_tp,
     gather_from_tp,
-    reduce_from_tp,
     mark_tp_param,
     tp_rank,
     tp_size,

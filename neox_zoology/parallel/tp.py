@@ -48,10 +48,6 @@ def copy_to_tp(x):
     return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=_group()) if tp_size() > 1 else x
 
 
-def reduce_from_tp(x):
-    """All-reduce forward, identity backward: leave a region of partial sums."""
-    return tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=_group()) if tp_size() > 1 else x
-
 
 def gather_from_tp(x):
     """All-gather the last dim forward, split backward: leave a region of channel shards."""

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections import Counter
 
 import torch
 
@@ -113,7 +115,7 @@ def run(args, summary_path: str | None = None) -> dict:
         flops_tok = 3 * flops.model_forward_per_token(args)
         meter = Throughput(args.global_batch * args.seq_length, flops_tok, args.world_size)
         log.info(
-            f"training {args.num_layers} layers {dict(sorted(_count(args.layer_types).items()))} | "
+            f"training {args.num_layers} layers {dict(sorted(Counter(args.layer_types).items()))} | "
             f"TP {args.tp} PP {args.pp} DP {args.dp} | global batch {args.global_batch} x {args.seq_length} | "
             f"{flops_tok / 1e9:.3f} GFLOP/token (fwd+bwd)"
         )
@@ -181,13 +183,5 @@ def _should_save(args, step: int) -> bool:
 
 
 def _ppl(loss: float) -> float:
-    import math
-
     return math.exp(min(loss, 50.0))
 
-
-def _count(types):
-    out: dict = {}
-    for t in types:
-        out[t] = out.get(t, 0) + 1
-    return out

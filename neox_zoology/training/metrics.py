@@ -1,6 +1,7 @@
 """Throughput accounting and log sinks (console on rank 0, tensorboard when configured)."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -61,8 +62,6 @@ class Logger:
         self.writer = None
         self.file = None
         if rank == 0 and args.log_dir:
-            import os
-
             os.makedirs(args.log_dir, exist_ok=True)
             self.file = open(os.path.join(args.log_dir, "train.log"), "a", buffering=1)
         if rank == 0 and args.tensorboard_dir:
