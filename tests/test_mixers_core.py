@@ -133,3 +133,36 @@ def test_fft_size_is_the_smallest_even_7_smooth_size():
         assert got >= n and got % 2 == 0 and smooth(got)
         assert not any(m % 2 == 0 and smooth(m) for m in range(n, got))
     assert fast_fft_size(4200) == 4200
+
+
+@pytest.mark.parametrize("batch_shape,L,Lk", [((), 13, 13), ((2,), 24, 5), ((2, 3), 37, 37), ((3,), 29, 1)])
+def test_fft_causal_conv_values_and_gradients_match_direct_convolution(batch_shape, L, Lk):
+    """Forward and both input gradients of the custom-backward FFT conv against the O(L^2) loop in float64."""
+    from neox_zoology.mixers.fftconv import fft_causal_conv
+
+    torch.manual_seed(L)
+    u = torch.randn(*batch_shape, 4, L, requires_grad=True)
+    k = torch.randn(4, Lk, requires_grad=True)
+    g = torch.randn(*batch_shape, 4, L)
+    y = fft_causal_conv(u, k)
+    assert y.shape == u.shape and y.dtype == torch.float32 and y.is_contiguous()
+    (y * g).sum().backward()
+    u64, k64 = u.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    ref = direct_causal_conv(u64, k64)
+    (ref * g.double()).sum().backward()
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(u.grad.double(), u64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k.grad.double(), k64.grad, atol=1e-5 * max(1, math.prod(batch_shape)), rtol=1e-5)
+
+
+def test_fft_causal_conv_keeps_bf16_in_and_out_with_fp32_inside():
+    from neox_zoology.mixers.fftconv import fft_causal_conv
+
+    torch.manual_seed(0)
+    u = torch.randn(2, 4, 30).bfloat16().requires_grad_()
+    k = torch.randn(4, 30).bfloat16().requires_grad_()
+    y = fft_causal_conv(u, k)
+    y.float().sum().backward()
+    assert y.dtype == u.grad.dtype == k.grad.dtype == torch.bfloat16
+    ref = direct_causal_conv(u.detach().double(), k.detach().double())  # the bf16 inputs, exact products
+    torch.testing.assert_close(y.double(), ref, atol=0.05 * ref.abs().max().item(), rtol=1e-2)

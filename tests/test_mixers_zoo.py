@@ -114,6 +114,39 @@ def h3_reference(h3, x):
     return F.linear(o, h3.out_proj.weight, h3.out_proj.bias)
 
 
+@pytest.mark.parametrize("L_long", [1, 2, 1000, 1031])
+def test_h3_kernel_matches_closed_form_at_long_lengths(L_long):
+    """The sqrt(L)-split Vandermonde product equals K(l) = 2 Re sum_n C' e^{l dt A}, formed directly in float64."""
+    torch.manual_seed(0)
+    ssm = build("h3", seq_length=max(L_long, 8), d_state=16).mixer.ssm
+    dt = ssm.log_dt.double().exp()[:, None]
+    A = torch.complex(-ssm.log_A_real.double().exp(), ssm.A_imag.double())
+    C = torch.view_as_complex(ssm.C.double().contiguous()) * (torch.exp(dt * A) - 1) / A
+    l = torch.arange(L_long, dtype=torch.float64)
+    ref = 2 * torch.einsum("hn,hnl->hl", C, torch.exp((dt * A)[..., None] * l)).real
+    K = ssm(L_long)
+    assert K.shape == ref.shape and K.dtype == torch.float32
+    torch.testing.assert_close(K.double(), ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
+
+
+def test_short_filter_shift_add_and_fft_paths_equal_conv1d():
+    from neox_zoology.mixers.filters import SHIFT_ADD_MAX_TAPS, ShortFilter
+
+    torch.manual_seed(0)
+    u = torch.randn(2, 6, 40, requires_grad=True)
+    g = torch.randn(2, 6, 40)
+    for k in (1, 3, SHIFT_ADD_MAX_TAPS, SHIFT_ADD_MAX_TAPS + 1, 40):
+        f = ShortFilter(6, k)
+        ref = F.conv1d(u, f.weight, f.bias, padding=k - 1, groups=6)[..., :40]
+        ref_grads = torch.autograd.grad((ref * g).sum(), (u, f.weight, f.bias))
+        y = f(u)
+        grads = torch.autograd.grad((y * g).sum(), (u, f.weight, f.bias))
+        tol = 1e-6 if k <= SHIFT_ADD_MAX_TAPS else 1e-5  # the FFT path computes in fp32
+        torch.testing.assert_close(y, ref, atol=tol, rtol=tol, msg=f"kernel_size {k}")
+        for name, a, b in zip(("u", "weight", "bias"), grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=10 * tol, rtol=tol, msg=f"kernel_size {k}: grad {name}")
+
+
 @pytest.mark.parametrize("kw", [{}, {"head_dim": 2, "d_state": 8}, {"head_dim": 4, "d_state": 16}])
 def test_h3_matches_per_position_recurrences(kw):
     torch.manual_seed(0)
@@ -160,7 +193,11 @@ def test_wkv_matches_sequential_recurrence(regime, length, chunk):
 
 
 @pytest.mark.parametrize("regime", sorted(WKV_REGIMES))
-def test_wkv_gradients_match_sequential_recurrence(regime):
+@pytest.mark.parametrize("block_elements", [None, 2 * 45])
+def test_wkv_gradients_match_sequential_recurrence(regime, block_elements, monkeypatch):
+    """Also with channel blocks of one channel (B * L = 90 elements): blocks are checkpointed separately."""
+    if block_elements:
+        monkeypatch.setattr("neox_zoology.mixers.rwkv.BLOCK_ELEMENTS", block_elements)
     time_decay, time_first, scale, _ = WKV_REGIMES[regime]
     torch.manual_seed(0)
     k, v = torch.randn(2, 8, 45) * scale, torch.randn(2, 8, 45)
@@ -445,3 +482,24 @@ def test_config_reports_h3_heads_that_do_not_split():
            "attention_config": [[["h3"], 1]], "h3": {"head_dim": 8}, "model_parallel_size": 8}
     with pytest.raises(ConfigError, match="h3: 4 heads"):
         build_args(raw, world_size=8)
+
+
+@pytest.mark.parametrize("name,kw,no_decay", [
+    ("hyena", {}, {"filter.inner.0.weight", "filter.inner.1.weight", "filter.inner.2.weight", "filter.out_weight"}),
+    ("h3", {}, {"shift_C", "ssm.C", "ssm.log_A_real", "ssm.A_imag"}),
+    ("baseconv", {"kernel_sizes": [-1], "long_filter": "explicit"}, {"filter.weight"}),
+    ("baseconv", {"kernel_sizes": [-1]}, {"filter.inner.weight", "filter.outer.weight"}),
+    ("long_conv", {}, {"filter.weight"}),
+])
+def test_long_filter_and_ssm_matrices_get_no_weight_decay(name, kw, no_decay):
+    from neox_zoology.training.engine import param_groups
+
+    m = build(name, **kw).mixer
+    decay, skip = param_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and skip["weight_decay"] == 0.0
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in skip["params"]}
+    assert no_decay <= skipped, no_decay - skipped
+    matrices = {n for n, p in m.named_parameters() if p.dim() >= 2}
+    assert decayed == matrices - no_decay - {n for n in matrices if n.startswith(("filter.", "ssm."))}
+    assert any("proj" in n or "qkv" in n for n in decayed)  # projections keep their decay

@@ -28,6 +28,21 @@ class Mixer(MegatronModule):
         raise NotImplementedError
 
 
+NO_WEIGHT_DECAY = "zoo_no_weight_decay"
+
+
+def exclude_from_weight_decay(module_or_param):
+    """Mark the parameters of a long filter or SSM kernel: the optimizer gives them weight decay 0.
+
+    As in the H3 / Hyena / S4 references, which take the kernel parameters out of weight decay;
+    projections and short (few-tap) filters keep the configured decay.
+    """
+    params = [module_or_param] if isinstance(module_or_param, torch.nn.Parameter) else module_or_param.parameters()
+    for p in params:
+        setattr(p, NO_WEIGHT_DECAY, True)
+    return module_or_param
+
+
 def full_then_local(full: torch.Tensor, dim: int, local: slice) -> torch.Tensor:
     """Take this rank's slice of a tensor initialised at full size.
 

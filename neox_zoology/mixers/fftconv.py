@@ -41,11 +41,41 @@ def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"filter length {k.shape[-1]} exceeds the sequence length {L}")
     if FlashFFTConv is not None and u.is_cuda and u.dim() == 3:
         return _flash(u, k)
-    n = fast_fft_size(L + k.shape[-1])
-    k_f = torch.fft.rfft(k.float(), n=n)
-    u_f = torch.fft.rfft(u.float(), n=n)
-    y = torch.fft.irfft(u_f * k_f, n=n)[..., :L]
-    return y.to(u.dtype)
+    return _FFTConv.apply(u, k)
+
+
+class _FFTConv(torch.autograd.Function):
+    """Forward: 2 rfft + 1 irfft; backward: 1 rfft + 2 irfft, with the padding done inside the FFTs.
+
+    Saves the two spectra and returns a compact [..., L] output: autograd through the plain formula
+    would keep the whole [..., n] irfft buffer alive behind the sliced output and build a zero-padded
+    [..., n] gradient for it in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, u, k):
+        L, Lk = u.shape[-1], k.shape[-1]
+        n = fast_fft_size(L + Lk)
+        u_f = torch.fft.rfft(u.float(), n=n)
+        k_f = torch.fft.rfft(k.float(), n=n)
+        ctx.save_for_backward(u_f, k_f)
+        ctx.shapes = (L, Lk, n, u.dtype, k.dtype, u.dim() - k.dim())
+        return torch.fft.irfft(u_f * k_f, n=n)[..., :L].to(u.dtype).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        u_f, k_f = ctx.saved_tensors
+        L, Lk, n, u_dtype, k_dtype, batch_dims = ctx.shapes
+        g_f = torch.fft.rfft(grad.float(), n=n)
+        grad_u = grad_k = None
+        if ctx.needs_input_grad[0]:  # correlation with k: sum_t g[t] k[t - s]
+            grad_u = torch.fft.irfft(g_f * k_f.conj(), n=n)[..., :L].to(u_dtype)
+        if ctx.needs_input_grad[1]:  # correlation with u, summed over the batch: sum_t g[t] u[t - j]
+            prod = g_f * u_f.conj()
+            if batch_dims:
+                prod = prod.sum(dim=tuple(range(batch_dims)))
+            grad_k = torch.fft.irfft(prod, n=n)[..., :Lk].to(k_dtype)
+        return grad_u, grad_k
 
 
 @functools.lru_cache(maxsize=8)

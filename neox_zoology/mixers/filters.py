@@ -10,7 +10,8 @@ import math
 import torch
 from torch import nn
 
-from neox_zoology.mixers.base import full_then_local
+from neox_zoology.mixers.base import exclude_from_weight_decay, full_then_local
+from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.parallel import ColumnLinear, mark_tp_param, tp_slice
 
 
@@ -30,6 +31,9 @@ def positional_features(seq_length: int, emb_dim: int) -> torch.Tensor:
     return torch.cat([t, torch.cos(angle), -torch.sin(angle)], dim=-1)
 
 
+SHIFT_ADD_MAX_TAPS = 16
+
+
 class ShortFilter(nn.Module):
     """Depthwise causal Conv1d filter of `kernel_size` taps (nn.Conv1d's default init)."""
 
@@ -44,10 +48,47 @@ class ShortFilter(nn.Module):
         self.bias = mark_tp_param(nn.Parameter(full_then_local(b, 0, local).to(params_dtype)))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u [b, d_local, L] -> causal depthwise conv, same shape."""
+        """u [b, d_local, L] -> causal depthwise conv, same shape (nn.Conv1d's cross-correlation taps)."""
+        k, L = self.kernel_size, u.shape[-1]
+        taps = self.weight[:, 0, :].flip(-1)[:, : min(k, L)]  # causal order: tap j acts on u[t - j]
+        if k > SHIFT_ADD_MAX_TAPS:
+            return fft_causal_conv(u, taps) + self.bias[:, None]
+        return _ShiftAddConv.apply(u, taps.to(u.dtype), self.bias.to(u.dtype))
+
+
+class _ShiftAddConv(torch.autograd.Function):
+    """y[..., c, t] = bias_c + sum_j taps[c, j] u[..., c, t - j], as in-place shifted multiply-adds.
+
+    On CPU, depthwise `conv1d`'s backward costs ~6x its forward (0.65 s vs 0.11 s measured at
+    B4 x 2304 channels x L2048), and autograd through shifted slices zero-fills a padded gradient per
+    tap; here forward and backward are k fused multiply-adds each, plus k reductions for the taps.
+    """
+
+    @staticmethod
+    def forward(ctx, u, taps, bias):
         L = u.shape[-1]
-        y = nn.functional.conv1d(u, self.weight, self.bias, padding=self.kernel_size - 1, groups=u.shape[1])
-        return y[..., :L]
+        y = u * taps[:, :1]
+        for j in range(1, taps.shape[-1]):
+            y[..., j:].addcmul_(u[..., : L - j], taps[:, j : j + 1])
+        y += bias[:, None]
+        ctx.save_for_backward(u, taps)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, taps = ctx.saved_tensors
+        L, k = u.shape[-1], taps.shape[-1]
+        reduce = tuple(range(u.dim() - 2)) + (u.dim() - 1,)  # everything but the channel dim
+        grad_u = grad_taps = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_u = grad * taps[:, :1]
+            for j in range(1, k):
+                grad_u[..., : L - j].addcmul_(grad[..., j:], taps[:, j : j + 1])
+        if ctx.needs_input_grad[1]:
+            grad_taps = torch.stack([(grad[..., j:] * u[..., : L - j]).sum(reduce) for j in range(k)], dim=-1)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(reduce)
+        return grad_u, grad_taps, grad_bias
 
 
 class ExplicitLongFilter(nn.Module):
@@ -57,6 +98,7 @@ class ExplicitLongFilter(nn.Module):
         super().__init__()
         full = torch.randn(channels, seq_length) * init_scale
         self.weight = mark_tp_param(nn.Parameter(full_then_local(full, 0, tp_slice(channels)).to(params_dtype)))
+        exclude_from_weight_decay(self)
 
     def forward(self, L: int) -> torch.Tensor:
         return self.weight[:, :L]
@@ -80,6 +122,7 @@ class ImplicitLongFilter(nn.Module):
             local = tp_slice(channels)
             self.outer.weight.copy_(full_then_local(full_w, 0, local))
             self.outer.bias.copy_(full_then_local(full_b, 0, local))
+        exclude_from_weight_decay(self)
 
     def forward(self, L: int) -> torch.Tensor:
         h = torch.relu(self.inner(self.z[:L].to(self.inner.weight.dtype)))

@@ -21,8 +21,8 @@ conjugates (so N real state dimensions; N must be even):
     K_h(l) = 2 Re sum_{n < N/2} C_{h,n} (e^{dt_h A_{h,n}} - 1) / A_{h,n} e^{l dt_h A_{h,n}}
 
 (B is folded into C; C ~ complex N(0, 1).) K is computed in closed form at the input length, in
-fp32, once per forward; the [H, N/2, L] Vandermonde intermediate is recomputed in backward rather than
-stored. Both convolutions run through `fft_causal_conv`. D and Dk ~ N(0, 1).
+fp32, once per forward, as one small real matmul per head (see `DiagonalSSMKernel.forward`). Both
+convolutions run through `fft_causal_conv`. D and Dk ~ N(0, 1).
 
 Deliberate choice against the reference: the references lay the head outputs out as (j, h); we keep
 (h, j) so that a head's outputs stay contiguous under tensor parallelism (W_o is initialised i.i.d.,
@@ -37,10 +37,9 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer, full_then_local
+from neox_zoology.mixers.base import Mixer, exclude_from_weight_decay, full_then_local
 from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_size, tp_slice
 from neox_zoology.registry import MixerSpec, register
@@ -64,19 +63,26 @@ class DiagonalSSMKernel(nn.Module):
         self.C = _tp_param(C, local, params_dtype)
         self.log_A_real = _tp_param(torch.full((heads, n), math.log(0.5)), local, params_dtype)
         self.A_imag = _tp_param(math.pi * torch.arange(n, dtype=torch.float32).expand(heads, n), local, params_dtype)
+        exclude_from_weight_decay(self)
 
-    def _kernel(self, L: int) -> torch.Tensor:
-        dt = self.log_dt.float().exp()[:, None]  # complex arithmetic needs fp32 (no complex bf16)
+    def forward(self, L: int) -> torch.Tensor:
+        """K [H_local, L] in fp32 (complex arithmetic has no bf16).
+
+        z^l is split as z^{mJ} z^j (l = mJ + j, J ~ sqrt(L)), so the Vandermonde sum becomes one real
+        batched matmul [M, N] @ [N, J] per head: O(H N sqrt(L)) memory instead of O(H N L).
+        """
+        dt = self.log_dt.float().exp()[:, None]
         A = torch.complex(-self.log_A_real.float().exp(), self.A_imag.float())
         dtA = dt * A  # [H, N/2]
         C = torch.view_as_complex(self.C.float().contiguous()) * (torch.exp(dtA) - 1) / A
-        l = torch.arange(L, device=dtA.device, dtype=torch.float32)
-        return 2 * torch.einsum("hn,hnl->hl", C, torch.exp(dtA[..., None] * l)).real
-
-    def forward(self, L: int) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.C.requires_grad:
-            return checkpoint(self._kernel, L, use_reentrant=False)
-        return self._kernel(L)
+        J = math.isqrt(max(L - 1, 0)) + 1
+        M = -(-L // J)
+        steps = torch.arange(max(M, J), device=dtA.device, dtype=torch.float32)
+        X = C[:, None, :] * torch.exp(dtA[:, None, :] * (steps[:M, None] * J))  # [H, M, N/2]: C z^{mJ}
+        W = torch.exp(dtA[:, :, None] * steps[:J])  # [H, N/2, J]: z^j
+        # 2 Re(X @ W) = 2 [Re X, -Im X] @ [Re W; Im W]
+        K = 2 * (torch.cat([X.real, -X.imag], -1) @ torch.cat([W.real, W.imag], 1))  # [H, M, J]
+        return K.reshape(K.shape[0], M * J)[:, :L]
 
 
 class H3(Mixer):
@@ -89,7 +95,7 @@ class H3(Mixer):
         self.local_heads = heads // tp_size()
         self.qkv = ColumnLinear(d, 3 * d, config=config, init_method=config.init_method, bias=True,
                                 gather_output=False)
-        self.shift_C = _tp_param(torch.randn(d, d_state), tp_slice(d), dtype)  # FIR taps of the shift SSM
+        self.shift_C = exclude_from_weight_decay(_tp_param(torch.randn(d, d_state), tp_slice(d), dtype))  # shift SSM taps
         self.D_k = _tp_param(torch.randn(d), tp_slice(d), dtype)
         self.ssm = DiagonalSSMKernel(heads, d_state, dtype)
         self.D = _tp_param(torch.randn(heads), tp_slice(heads), dtype)

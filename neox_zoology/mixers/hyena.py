@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer, full_then_local
+from neox_zoology.mixers.base import Mixer, exclude_from_weight_decay, full_then_local
 from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.mixers.filters import ShortFilter, positional_features
 from neox_zoology.parallel import ColumnLinear, RowLinear, copy_to_tp, mark_tp_param, tp_size, tp_slice
@@ -82,6 +82,7 @@ class HyenaFilter(nn.Module):
         deltas = torch.linspace(math.log(target) / slow, math.log(target) / fast, channels)
         self.register_buffer("deltas", full_then_local(deltas, 0, local), persistent=False)
         self.modulate = modulate
+        exclude_from_weight_decay(self)
 
     def forward(self, L: int) -> torch.Tensor:
         g = self.z[:L].to(self.out_weight.dtype)

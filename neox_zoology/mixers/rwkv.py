@@ -25,8 +25,10 @@ chunk (the chunk's own positions plus the state entering it) whose exponents are
 -(t-1-i) w + k_i and shifted by their row maximum before `exp`; the state entering each chunk is the
 same decayed sum over chunk summaries (decay T w per chunk), computed by the same function
 recursively. Every sum is carried as (a, p) with value a e^p, so nothing overflows for any k or w,
-and no exponent is formed as a difference of large numbers. fp32 throughout; the [., T, T+1]
-temporaries are recomputed in backward instead of stored.
+and no exponent is formed as a difference of large numbers. fp32 throughout. Channels are processed
+in blocks, each checkpointed: the [., T, T+1] temporaries exist for one block at a time and are
+recomputed in backward instead of stored (T = 4 and ~1M-element blocks measured fastest on CPU: 1.6x
+faster than T = 8 unblocked).
 
 Deliberate choices against the references: projections use the stack's init methods (RWKV-4 zeroes
 W_k, W_r, W_o of the time mix and W_v, W_r of the channel mix) and have no bias, as in RWKV-4.
@@ -100,15 +102,24 @@ def _wkv(time_decay, time_first, k, v, chunk):
     return a[..., 0] / a[..., 1]  # common scale cancels; the scaled denominator is >= 1
 
 
+BLOCK_ELEMENTS = 1 << 20
+"""Channels are processed in blocks of about this many [B, C_block, L] elements, each block checkpointed
+on its own, so the [.., T, T+1] temporaries (recomputed in backward) exist for one block at a time."""
+
+
 def wkv(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        chunk: int = 8) -> torch.Tensor:
+        chunk: int = 4) -> torch.Tensor:
     """RWKV-4 WKV for k, v [B, C, L] and per-channel time_decay, time_first [C]; fp32 inside."""
-    args = (time_decay.float(), time_first.float(), k.float().contiguous(), v.float().contiguous(), chunk)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
-        out = checkpoint(_wkv, *args, use_reentrant=False)
-    else:
-        out = _wkv(*args)
-    return out.to(v.dtype)
+    B, C, L = k.shape
+    step = max(1, min(C, BLOCK_ELEMENTS // max(B * L, 1)))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (time_decay, time_first, k, v))
+    outs = []
+    for c0 in range(0, C, step):
+        blk = slice(c0, c0 + step)
+        args = (time_decay[blk].float(), time_first[blk].float(), k[:, blk].float().contiguous(),
+                v[:, blk].float().contiguous(), chunk)
+        outs.append(checkpoint(_wkv, *args, use_reentrant=False) if grad else _wkv(*args))
+    return torch.cat(outs, dim=1).to(v.dtype) if len(outs) > 1 else outs[0].to(v.dtype)
 
 
 def token_shift(x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +138,7 @@ def _position_ramp(d: int) -> torch.Tensor:
 
 
 class RWKVTimeMix(Mixer):
-    def __init__(self, config, layer_number: int = 1, *, seq_length: int, wkv_chunk: int = 8, **stack_kwargs):
+    def __init__(self, config, layer_number: int = 1, *, seq_length: int, wkv_chunk: int = 4, **stack_kwargs):
         super().__init__(config, layer_number, **stack_kwargs)
         d, dtype = config.hidden_size, config.params_dtype
         r0, r1 = _layer_ratios(config, layer_number)
@@ -194,7 +205,7 @@ def _validate(shape, args):
     errors = []
     c = args["wkv_chunk"]
     if not isinstance(c, int) or isinstance(c, bool) or c < 2:
-        errors.append(f"rwkv.wkv_chunk: {c!r}; use an int >= 2 (positions per WKV chunk), e.g. 8")
+        errors.append(f"rwkv.wkv_chunk: {c!r}; use an int >= 2 (positions per WKV chunk), e.g. 4")
     return errors
 
 
@@ -208,7 +219,7 @@ register(
     MixerSpec(
         name="rwkv",
         module=RWKVTimeMix,
-        defaults={"wkv_chunk": 8},
+        defaults={"wkv_chunk": 4},
         tp_split="channels",
         flops=_flops,
         validate=_validate,

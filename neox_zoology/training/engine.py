@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from neox_zoology.mixers.base import NO_WEIGHT_DECAY
 from neox_zoology.model.gpt import SequentialGPT, layer_specs, lm_loss
 from neox_zoology.model.tconfig import transformer_config
 
@@ -47,11 +48,12 @@ def lr_factor(args, step: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
-    """Weight decay on matrices only (not on biases, norms, or 1-d filter parameters)."""
+    """Weight decay on matrices only: not on biases, norms, 1-d parameters, or the parameters of long
+    filters and SSM kernels (marked by `mixers.base.exclude_from_weight_decay`)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 and not getattr(p, NO_WEIGHT_DECAY, False) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
