@@ -55,6 +55,10 @@ GATED = ("baseconv_short", "baseconv_long", "hyena", "h3", "rwkv", "long_conv")
 TARGET_TIME = {2048: 0.5, 16384: 0.1}
 MEM_TARGET_L = 16384
 FFT_TARGET = 1.0
+PROJECTION = "projection_dxd"
+"""Not a mixer: one d x d nn.Linear on the same input. A mixer's `dense_projections` (its projection
+weights in units of d x d) times this time is the part of its step that no convolution can remove;
+`floor_ratio` = that / attention's time is the lowest ratio the mixer could reach on this machine."""
 
 # variant name -> (registered layer type, build_mixer kwargs)
 VARIANTS = {
@@ -177,12 +181,21 @@ def measure(variant: str, *, batch: int, hidden: int, heads: int, L: int, repeat
 
     from neox_zoology import build_mixer
 
+    from neox_zoology.parallel import ColumnLinear, RowLinear
+
     name, kwargs = spec_of(variant)
     torch.manual_seed(0)
-    model = build_mixer(name, hidden_size=hidden, seq_length=L, num_attention_heads=heads, **kwargs)
+    if variant == PROJECTION:
+        model = torch.nn.Linear(hidden, hidden)
+    else:
+        model = build_mixer(name, hidden_size=hidden, seq_length=L, num_attention_heads=heads, **kwargs)
     model.train()
     x = torch.randn(batch, L, hidden, requires_grad=True)
     n_params = sum(p.numel() for p in model.parameters())
+    # per-token projections (a filter's position MLP runs once per position, not per token: not counted)
+    dense = hidden**2 if variant == PROJECTION else sum(
+        m.weight.numel() for n, m in model.named_modules()
+        if isinstance(m, (ColumnLinear, RowLinear)) and "filter" not in n.split("."))
 
     def step():
         y = model(x)
@@ -204,7 +217,7 @@ def measure(variant: str, *, batch: int, hidden: int, heads: int, L: int, repeat
         step()
         times.append(time.perf_counter() - t0)
     out = {"mixer": variant, "layer_type": name, "build_kwargs": kwargs, "batch": batch, "seq_len": L,
-           "parameters": n_params, "time_s": statistics.median(times), "time_s_min": min(times), "times_s": times}
+           "parameters": n_params, "dense_projections": dense / hidden**2, "time_s": statistics.median(times), "time_s_min": min(times), "times_s": times}
     if mem:
         peak = _maxrss_bytes()
         out.update({
@@ -291,6 +304,21 @@ def fft_check(batch: int, hidden: int, L: int, repeats: int, warmup: int) -> dic
             "target_met": o / n <= FFT_TARGET, "max_abs_diff": err, "ours_times_s": ours_t, "naive_times_s": naive_t}
 
 
+def _add_ratios(rows: dict) -> None:
+    """ratio_time / ratio_mem against attention, and the projection floor, for the rows of one (L, batch)."""
+    att, proj = rows.get("attention", {}), rows.get(PROJECTION, {})
+    for v, r in rows.items():
+        for key in ("ratio_time", "ratio_mem", "projection_floor_s", "floor_ratio"):
+            r.pop(key, None)
+        if "time_s" in r and "time_s" in att:
+            r["ratio_time"] = r["time_s"] / att["time_s"]
+            if "time_s" in proj and v != PROJECTION and "dense_projections" in r:
+                r["projection_floor_s"] = r["dense_projections"] * proj["time_s"]
+                r["floor_ratio"] = r["projection_floor_s"] / att["time_s"]
+        if r.get("peak_mem_bytes") is not None and att.get("peak_mem_bytes"):
+            r["ratio_mem"] = r["peak_mem_bytes"] / att["peak_mem_bytes"]
+
+
 def _targets(rows_by_key: dict, keys: list) -> list[dict]:
     """Target verdicts of the gated convolutions; a key is a length L or an (L, batch) group."""
     out = []
@@ -327,10 +355,8 @@ def run_benchmark(ns) -> dict:
     threads = ns.threads or cores()
     torch.set_num_threads(threads)
     variants = expand(ns.mixers.split(",")) if ns.mixers else default_variants()
-    if "attention" not in variants:
-        variants = ["attention"] + variants
-    else:  # the peer goes first
-        variants = ["attention"] + [v for v in variants if v != "attention"]
+    # the peer goes first, then the d x d projection that gives each mixer's floor
+    variants = ["attention", PROJECTION] + [v for v in variants if v not in ("attention", PROJECTION)]
 
     results = []
     rows_by_L: dict = {}
@@ -358,12 +384,7 @@ def run_benchmark(ns) -> dict:
             r["is_gated_conv"] = v in GATED
             results.append(r)
             rows_by_L[L][v] = r
-        att = rows_by_L[L].get("attention", {})
-        for v, r in rows_by_L[L].items():
-            if "time_s" in r and "time_s" in att:
-                r["ratio_time"] = r["time_s"] / att["time_s"]
-            if r.get("peak_mem_bytes") is not None and att.get("peak_mem_bytes"):
-                r["ratio_mem"] = r["peak_mem_bytes"] / att["peak_mem_bytes"]
+        _add_ratios(rows_by_L[L])
 
     fft = []
     if not ns.no_fft:
@@ -420,8 +441,11 @@ def markdown(result: dict) -> str:
         f"untimed warm-up steps ({_per_L(result['warmup'])}). "
         "Activation memory = peak RSS - RSS before the forward, fresh subprocess per row.",
         "",
-        "| mixer | L | batch | time s | ratio to attention | activation memory MB | ratio | target met |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "Projection floor = the mixer's dense projection weights (in units of d x d) x the time of one d x d "
+        "Linear on the same input, over attention's time: no convolution or recurrence can bring a mixer below it.",
+        "",
+        "| mixer | L | batch | time s | ratio to attention | projection floor | activation memory MB | ratio | target met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     tmap = {}
     for t in result["targets"]:
@@ -432,7 +456,7 @@ def markdown(result: dict) -> str:
 
     for r in result["results"]:
         if "time_s" not in r:
-            lines.append(f"| {r['mixer']} | {r['seq_len']} | {r['batch']} | - | - | - | - | "
+            lines.append(f"| {r['mixer']} | {r['seq_len']} | {r['batch']} | - | - | - | - | - | "
                          f"{'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r.get('error', '')} |")
             continue
         mem = r.get("peak_mem_bytes")
@@ -443,7 +467,7 @@ def markdown(result: dict) -> str:
                          + (f" (<= {TARGET_TIME[t['seq_len']]}x)" if t["kind"] == "time" else " (< 1x)"))
         lines.append(
             f"| {r['mixer']} | {r['seq_len']} | {r['batch']} | {r['time_s']:.3f} | {f(r.get('ratio_time'), '.3f')} | "
-            f"{f(None if mem is None else mem / 2**20, '.0f')} | {f(r.get('ratio_mem'), '.3f')} | "
+            f"{f(r.get('floor_ratio'), '.2f')} | {f(None if mem is None else mem / 2**20, '.0f')} | {f(r.get('ratio_mem'), '.3f')} | "
             f"{', '.join(marks) if marks else 'n/a (not a gated conv)' if not r.get('is_gated_conv') else 'n/a'} |")
     if result["fft_check"]:
         lines += ["", "FFT conv check (`fft_causal_conv` vs naive rfft at 2L, forward+backward, target ratio <= 1.0):", "",
@@ -484,14 +508,7 @@ def merge(paths: list[str]) -> dict:
     rows_by_L = {k: {m: row for (l, b, m), row in rows.items() if (l, b) == k} for k in keys}
     results = [row for k in keys for row in rows_by_L[k].values()]
     for k in keys:
-        att = rows_by_L[k].get("attention", {})
-        for row in rows_by_L[k].values():
-            row.pop("ratio_time", None)
-            row.pop("ratio_mem", None)
-            if "time_s" in row and "time_s" in att:
-                row["ratio_time"] = row["time_s"] / att["time_s"]
-            if row.get("peak_mem_bytes") is not None and att.get("peak_mem_bytes"):
-                row["ratio_mem"] = row["peak_mem_bytes"] / att["peak_mem_bytes"]
+        _add_ratios(rows_by_L[k])
     targets = _targets(rows_by_L, keys)
     decided = [t for t in targets if t["met"] is not None]
     batch_at = {}

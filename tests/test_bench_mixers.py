@@ -17,7 +17,11 @@ def test_tiny_in_process_run_reports_ratios_and_targets(tmp_path, capfd):
                                  "--out", str(out), "--md", str(md)])
 
     rows = {r["mixer"]: r for r in result["results"]}
-    assert list(rows) == ["attention", "baseconv_short", "baseconv_long", "hyena"]
+    assert list(rows) == ["attention", "projection_dxd", "baseconv_short", "baseconv_long", "hyena"]
+    # dense projections in units of d x d: attention qkv + out = 4, BaseConv's gate = 1, Hyena in (3) + out (1)
+    assert [rows[m]["dense_projections"] for m in ("attention", "baseconv_short", "baseconv_long", "hyena")] == [4, 1, 1, 4]
+    floor = rows["projection_dxd"]["time_s"] * 4 / rows["attention"]["time_s"]
+    assert rows["hyena"]["floor_ratio"] == pytest.approx(floor)
     for r in rows.values():
         assert r["seq_len"] == 64 and r["batch"] == 1
         assert r["time_s"] > 0 and len(r["times_s"]) == 1
