@@ -104,6 +104,8 @@ class Args:
     checkpoint_factor: int | None = _doc("save every N iterations", None)
     extra_save_iters: list | None = _doc("extra iterations to save at", None)
     keep_last_n_checkpoints: int | None = _doc("prune older complete checkpoints", None)
+    max_nonfinite_steps: int = _doc(
+        "steps with non-finite gradients are skipped; after this many in a row the run stops (exit 3)", 5)
     eval_interval: int = _doc("validation every N iterations", 1000)
     eval_iters: int = _doc("validation batches per evaluation", 10)
     log_interval: int = _doc("log every N iterations", 100)
@@ -371,7 +373,7 @@ def _positive(args: Args, where, *names):
 def _validate(args: Args, where) -> None:
     _positive(args, where, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
               "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "model_parallel_size",
-              "log_interval", "eval_interval", "make_vocab_size_divisible_by")
+              "log_interval", "eval_interval", "make_vocab_size_divisible_by", "max_nonfinite_steps")
     if args.pipe_parallel_size < 0:
         raise ConfigError(f"{where('pipe_parallel_size')}: pipe_parallel_size: {args.pipe_parallel_size} must be >= 0")
     choice = {

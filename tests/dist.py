@@ -56,7 +56,11 @@ def run_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
     results, errors = [], []
     for rank, (p, conn) in enumerate(zip(procs, pipes)):
         if conn.poll(timeout):
-            status, value = pickle.loads(conn.recv_bytes())
+            try:
+                status, value = pickle.loads(conn.recv_bytes())
+            except EOFError:  # killed before reporting (e.g. SIGKILL)
+                p.join(5)
+                status, value = "error", f"rank {rank} died without a result (exit code {p.exitcode})"
         else:
             status, value = "error", f"rank {rank} timed out after {timeout} s"
         (results if status == "ok" else errors).append(value if status == "ok" else f"rank {rank}:\n{value}")

@@ -2,8 +2,12 @@
 
 Layout (GPT-NeoX's): `<save>/global_step<N>/...` written by DeepSpeed (per-layer files under the
 pipeline engine), `<save>/global_step<N>/configs/config.yml` (the merged config), and `<save>/latest`.
-`latest` moves only after every rank has finished writing (a barrier, then an atomic rename), so an
-interrupted save never becomes the checkpoint a restart resumes from.
+
+Atomicity: every rank writes into `<save>/global_step<N>.incomplete/`; after a barrier (every rank
+done), rank 0 writes the config there, renames the directory to `global_step<N>` and then atomically
+replaces `latest`. A rank killed mid-save leaves only an `.incomplete` directory, which no loader
+reads and the next save or start removes, so `latest` always names a whole checkpoint. (`save` and
+`load` paths must be on a filesystem all ranks share, as for GPT-NeoX.)
 """
 from __future__ import annotations
 
@@ -41,20 +45,50 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+INCOMPLETE = ".incomplete"
+
+
 def tag_for(iteration: int) -> str:
     return f"global_step{iteration}"
+
+
+def remove_incomplete(save_dir) -> list[str]:
+    """Delete leftovers of interrupted saves (rank 0 only, while no save is running)."""
+    import shutil
+
+    latest = Path(save_dir, "latest")
+    keep = latest.read_text().strip() if latest.exists() else None
+    removed = []
+    for p in Path(save_dir).glob(f"global_step*{INCOMPLETE}"):
+        if p.name == keep:  # a complete staging directory `latest` names during a same-step re-save
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
 
 
 def save(engine, args, iteration: int) -> str:
     save_dir = args.save
     tag = tag_for(iteration)
-    engine.save_checkpoint(save_dir, tag=tag, client_state={"iteration": iteration, "rng": rng_state()},
-                           save_latest=False)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        remove_incomplete(save_dir)
     torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        cfg_dir = Path(save_dir, tag, "configs")
+    engine.save_checkpoint(save_dir, tag=tag + INCOMPLETE,
+                           client_state={"iteration": iteration, "rng": rng_state()}, save_latest=False)
+    torch.distributed.barrier()  # every rank's files are written
+    if rank0:
+        import shutil
+
+        staging, final = Path(save_dir, tag + INCOMPLETE), Path(save_dir, tag)
+        cfg_dir = staging / "configs"
         cfg_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(cfg_dir / "config.yml", yaml.safe_dump(args.to_dict(), sort_keys=True))
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
+            if Path(save_dir, "latest").exists() and Path(save_dir, "latest").read_text().strip() == tag:
+                _atomic_write(Path(save_dir, "latest"), tag + INCOMPLETE)  # never name a half-deleted dir
+            shutil.rmtree(final)
+        os.replace(staging, final)
         _atomic_write(Path(save_dir, "latest"), tag)
         if args.keep_last_n_checkpoints:
             prune(save_dir, args.keep_last_n_checkpoints)
@@ -63,8 +97,9 @@ def save(engine, args, iteration: int) -> str:
 
 
 def complete_checkpoints(save_dir) -> list[Path]:
-    """Checkpoint directories whose save finished (the config is written after every rank's files)."""
-    found = [p for p in Path(save_dir).glob("global_step*") if (p / "configs" / "config.yml").exists()]
+    """Checkpoint directories whose save finished (renamed from `.incomplete` after every rank wrote)."""
+    found = [p for p in Path(save_dir).glob("global_step*")
+             if p.name[len("global_step"):].isdigit() and (p / "configs" / "config.yml").exists()]
     return sorted(found, key=lambda p: int(p.name[len("global_step"):]))
 
 

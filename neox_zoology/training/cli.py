@@ -47,11 +47,15 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         _report(str(exc))
         return 2
-    from neox_zoology.training.loop import run
+    from neox_zoology.training.loop import EXIT_PREEMPTED, EXIT_NONFINITE, NonFiniteError, run
 
     try:
-        run(args, summary_path=ns.summary_json)
+        summary = run(args, summary_path=ns.summary_json)
     except ConfigError as exc:  # vocabulary / tokenizer problems found after start-up
         _report(str(exc))
         return 2
-    return 0
+    except NonFiniteError as exc:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"training stopped: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    return EXIT_PREEMPTED if summary.get("preempted_at") else 0

@@ -60,12 +60,41 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     ]
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite on some rank; every rank agrees.
+
+    DeepSpeed calls `step` on every rank at the same point (after the data-parallel reduction), so the
+    all-reduce of the verdict is safe there. The loop reads and resets `last_skipped`. (Under ZeRO,
+    DeepSpeed's own optimizer wrapper finds non-finite gradients first and skips the step itself.)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_skipped = False
+
+    def grads_finite(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else []
+        if grads:
+            bad = torch.stack([~torch.isfinite(n) for n in norms]).any().float()
+        else:
+            bad = torch.zeros((), device=self.param_groups[0]["params"][0].device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return not bool(bad)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.last_skipped = not self.grads_finite()
+        return None if self.last_skipped else super().step(closure)
+
+
 def make_optimizer(args, model):
     params = args.optimizer.get("params", {})
     kwargs = dict(lr=args.lr, betas=tuple(params.get("betas", (0.9, 0.999))), eps=float(params.get("eps", 1e-8)))
     if torch.cuda.is_available():
         kwargs["fused"] = True
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), **kwargs)
+    opt = GuardedAdamW(param_groups(model, args.weight_decay), **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(args, step))
     return opt, sched
 
@@ -115,4 +144,5 @@ def build_engine(args, topology):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(args), mpu=mpu,
     )
+    engine.zoo_optimizer = opt  # DeepSpeed may wrap it (bf16); the loop reads its skip counters
     return engine

@@ -77,6 +77,54 @@ def eval_loss(engine, batches, iters: int, device) -> float:
     return float(_dp_mean(total / n))
 
 
+EXIT_PREEMPTED = 75
+"""Exit status after a preemption signal was honoured (checkpoint saved): EX_TEMPFAIL, "try again"."""
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (what SLURM sends before it kills a job) set a flag; `agreed()` all-reduces it
+    at a step boundary so that every rank stops after the same step."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        import signal
+
+        self.received = None
+        self.previous = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread: leave the handlers alone
+                    pass
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor(float(self.received is not None), device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+EXIT_NONFINITE = 3
+"""Exit status after `max_nonfinite_steps` consecutive steps with non-finite gradients."""
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
 def _dp_mean(x: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
@@ -94,6 +142,7 @@ def run(args, summary_path: str | None = None) -> dict:
     topo = psetup.init_model_parallel(args.tp, args.pp)
     rank = torch.distributed.get_rank()
     log = Logger(args, rank)
+    preemption = Preemption()
     try:
         model_parallel_seed(args.seed)
         tokenizer = load_tokenizer(args)
@@ -102,6 +151,10 @@ def run(args, summary_path: str | None = None) -> dict:
             log.info(f"accepted GPT-NeoX keys with no effect here: {', '.join(sorted(set(args.ignored_keys)))}")
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         engine = build_engine(args, topo)
+        if args.save and rank == 0:
+            removed = checkpoint.remove_incomplete(args.save) if os.path.isdir(args.save) else []
+            if removed:
+                log.info(f"removed interrupted checkpoint saves: {', '.join(removed)}")
         start = checkpoint.load(engine, args.load) if args.load else 0
         if start:
             log.info(f"resumed from {args.load} at iteration {start}")
@@ -119,12 +172,31 @@ def run(args, summary_path: str | None = None) -> dict:
             f"TP {args.tp} PP {args.pp} DP {args.dp} | global batch {args.global_batch} x {args.seq_length} | "
             f"{flops_tok / 1e9:.3f} GFLOP/token (fwd+bwd)"
         )
-        losses, evals, last_ckpt, tput = [], [], None, []
+        losses, evals, last_ckpt, tput, skipped, preempted, in_a_row = [], [], None, [], [], None, 0
+        opt = engine.zoo_optimizer
         for it in range(start, args.train_iters):
+            # Non-finite gradients skip the step: ZeRO's optimizer detects them itself (engine.skipped_steps),
+            # otherwise GuardedAdamW does; every rank reaches the same verdict.
+            opt.last_skipped, ds_skipped = False, engine.skipped_steps
             loss = float(train_step(engine, train_batches, device))
             meter.tick()
             losses.append((it + 1, loss))
             step = it + 1
+            if opt.last_skipped or engine.skipped_steps > ds_skipped:
+                skipped.append(step)
+                in_a_row += 1
+                log.info(f"iter {step:>6} | skipped: non-finite gradients (loss {loss}); "
+                         f"{in_a_row} in a row, {len(skipped)} in this run")
+                log.scalars(step, {"skipped_steps": len(skipped)})
+                if in_a_row >= args.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"{in_a_row} consecutive steps (up to iteration {step}) had non-finite "
+                        f"gradients (max_nonfinite_steps: {args.max_nonfinite_steps}); stopped without saving, so "
+                        f"the last good checkpoint is {last_ckpt or 'the one loaded at start'}. Lower lr, check "
+                        f"the data around these steps, or resume from that checkpoint"
+                    )
+            else:
+                in_a_row = 0
             if step % args.log_interval == 0 or step == args.train_iters:
                 m = meter.read()
                 tput.append(m["tokens_per_s"])
@@ -147,6 +219,13 @@ def run(args, summary_path: str | None = None) -> dict:
                 evals.append((step, vloss))
                 log.info(f"iter {step:>6} | validation loss {vloss:.4f} | ppl {_ppl(vloss):.2f}")
                 log.scalars(step, {"loss": vloss, "ppl": _ppl(vloss)}, prefix="valid")
+            if preemption.agreed(device):
+                preempted = step
+                if args.save:
+                    last_ckpt = checkpoint.save(engine, args, step)
+                log.info(f"received {preemption.received or 'a preemption signal on another rank'}: stopped after "
+                         f"iteration {step}" + (f", saved {last_ckpt}" if args.save else ", no `save` path set"))
+                break
             if args.save and _should_save(args, step):
                 last_ckpt = checkpoint.save(engine, args, step)
                 log.info(f"saved checkpoint {last_ckpt}")
@@ -158,6 +237,8 @@ def run(args, summary_path: str | None = None) -> dict:
             "checkpoint": last_ckpt,
             "tokens_per_s": sum(tput) / len(tput) if tput else None,
             "start_iteration": start,
+            "skipped_steps": skipped,
+            "preempted_at": preempted,
         }
         if losses:
             log.info(
@@ -170,6 +251,7 @@ def run(args, summary_path: str | None = None) -> dict:
                 json.dump(summary, f)
         return summary
     finally:
+        preemption.restore()
         log.close()
         psetup.destroy()
 

@@ -1,0 +1,114 @@
+"""Faults during training: a rank killed mid-save, preemption signals, non-finite gradients."""
+import json
+import os
+import signal
+
+import pytest
+import yaml
+
+from dist import run_ranks
+from neox_zoology.config import build_args
+from test_training import losses, train
+
+
+def _train_killed_in_save(rank, raw, world, kill_tag):
+    """Train; when the save of `kill_tag` has written its files, every rank dies (SIGKILL) before the rename."""
+    import torch
+
+    import deepspeed.runtime.engine as ds_engine
+
+    from neox_zoology.training.loop import run
+
+    original = ds_engine.DeepSpeedEngine.save_checkpoint
+
+    def save_then_die(self, save_dir, tag=None, **kw):
+        out = original(self, save_dir, tag=tag, **kw)
+        if tag == kill_tag + ".incomplete":
+            torch.distributed.barrier()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    ds_engine.DeepSpeedEngine.save_checkpoint = save_then_die
+    return run(build_args(raw, world_size=world))
+
+
+def test_kill_during_save_keeps_previous_checkpoint_and_resume_matches(tiny_raw, tmp_path):
+    raw = tiny_raw(train_iters=6, checkpoint_factor=2, save=str(tmp_path / "ckpt"))
+    straight = train({**raw, "save": str(tmp_path / "straight")}, 2)[0]
+    with pytest.raises(AssertionError, match="died without a result"):
+        run_ranks(_train_killed_in_save, 2, raw, 2, "global_step4")
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest").read_text() == "global_step2"
+    assert (ckpt / "global_step4.incomplete").is_dir() and not (ckpt / "global_step4").exists()
+    resumed = train({**raw, "load": str(ckpt)}, 2)[0]
+    assert resumed["start_iteration"] == 2
+    assert losses(resumed) == losses(straight)[2:]  # nothing from the interrupted save leaked in
+    assert not (ckpt / "global_step4.incomplete").exists()
+    assert (ckpt / "latest").read_text() == "global_step6"
+
+
+def _cli_with_signal(rank, cfg_path, summary_path, signal_at, signal_rank):
+    """Run the CLI; rank `signal_rank` receives SIGUSR1 during step `signal_at`."""
+    from neox_zoology.training import cli, loop
+
+    original, calls = loop.train_step, []
+
+    def step_and_signal(*a, **kw):
+        out = original(*a, **kw)
+        calls.append(1)
+        if len(calls) == signal_at and rank == signal_rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    loop.train_step = step_and_signal
+    return cli.main([str(cfg_path), "--summary-json", str(summary_path)])
+
+
+def test_preemption_signal_saves_exits_75_and_resume_equals_uninterrupted_run(tiny_raw, tmp_path):
+    raw = tiny_raw(train_iters=6, save=str(tmp_path / "ckpt"), load=str(tmp_path / "ckpt"))
+    straight = train({**raw, "save": str(tmp_path / "straight"), "load": None}, 2)[0]
+    cfg = tmp_path / "run.yml"
+    cfg.write_text(yaml.safe_dump(raw))
+    codes = run_ranks(_cli_with_signal, 2, cfg, tmp_path / "first.json", 3, 1)
+    assert codes == [75, 75]  # every rank stops after the same step, with the preemption status
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert first["preempted_at"] == 3 and (tmp_path / "ckpt" / "latest").read_text() == "global_step3"
+    codes = run_ranks(_cli_with_signal, 2, cfg, tmp_path / "second.json", 99, 0)  # the same command again
+    assert codes == [0, 0]
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert second["start_iteration"] == 3
+    assert losses(first) + losses(second) == losses(straight)  # one step lost: none
+
+
+def _train_with_nan(rank, raw, world, nan_steps):
+    """Train with the loss multiplied by NaN (so every gradient is NaN) at the given steps, on rank 0 only."""
+    from neox_zoology.training import loop
+
+    original, calls = loop.lm_loss, []
+
+    def poisoned(output, labels):
+        calls.append(1)
+        loss = original(output, labels)
+        return loss * float("nan") if rank == 0 and len(calls) in nan_steps else loss
+
+    loop.lm_loss = poisoned
+    try:
+        return loop.run(build_args(raw, world_size=world))
+    except loop.NonFiniteError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("zero", [0, 1], ids=["guarded-adamw", "zero1-overflow-check"])
+def test_nonfinite_step_is_skipped_on_every_rank_and_training_goes_on(tiny_raw, zero):
+    raw = tiny_raw(train_iters=6, zero_optimization={"stage": zero})
+    for s in run_ranks(_train_with_nan, 2, raw, 2, {3}):
+        assert s["skipped_steps"] == [3]
+        assert [l != l for l in losses(s)] == [False, False, True, False, False, False]  # only step 3 is NaN
+
+
+def test_too_many_nonfinite_steps_stop_the_run_with_a_clear_error(tiny_raw, tmp_path):
+    raw = tiny_raw(train_iters=8, max_nonfinite_steps=2, checkpoint_factor=2, save=str(tmp_path / "c"))
+    for msg in run_ranks(_train_with_nan, 2, raw, 2, {3, 4}):
+        assert "2 consecutive steps (up to iteration 4) had non-finite gradients" in msg
+        assert "global_step2" in msg
+    assert (tmp_path / "c" / "latest").read_text() == "global_step2"
