@@ -112,3 +112,45 @@ def test_too_many_nonfinite_steps_stop_the_run_with_a_clear_error(tiny_raw, tmp_
         assert "2 consecutive steps (up to iteration 4) had non-finite gradients" in msg
         assert "global_step2" in msg
     assert (tmp_path / "c" / "latest").read_text() == "global_step2"
+
+
+class _Payload:
+    """Unpickling this runs code: what a weights_only load must refuse."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_files_are_loaded_weights_only(tiny_raw, tmp_path):
+    import torch
+
+    raw = tiny_raw(train_iters=2, save=str(tmp_path / "c"), zero_optimization={"stage": 0})
+    train(raw, 1)
+    states = tmp_path / "c" / "global_step2" / "mp_rank_00_model_states.pt"
+    payload = torch.load(states, weights_only=True)  # what we wrote loads with weights_only
+    payload["iteration_note"] = _Payload(tmp_path / "executed")
+    torch.save(payload, states)
+    with pytest.raises(AssertionError, match=r"mp_rank_00_model_states.pt: refused to load: the file references io.open"):
+        train({**raw, "train_iters": 3, "load": str(tmp_path / "c")}, 1)
+    assert not (tmp_path / "executed").exists()
+
+
+def test_resume_with_another_dp_size_is_exact_without_zero_and_refused_with_it(tiny_raw, tmp_path):
+    from neox_zoology.config import ConfigError  # noqa: F401  (the error type the message comes from)
+
+    raw = tiny_raw(train_iters=4, checkpoint_factor=2, zero_optimization={"stage": 0}, save=str(tmp_path / "z0"))
+    straight = train(raw, 2)[0]
+    dp2 = train({**raw, "train_iters": 2, "lr_decay_iters": 4}, 2)[0]
+    # the same global batch on one rank: gradient accumulation 2 instead of DP 2
+    dp1 = train({**raw, "gradient_accumulation_steps": 2, "load": str(tmp_path / "z0"), "save": None}, 1)[0]
+    assert dp1["start_iteration"] == 2
+    assert losses(dp2) + losses(dp1) == pytest.approx(losses(straight), abs=1e-5)
+
+    zero1 = {**raw, "zero_optimization": {"stage": 1}, "train_iters": 2, "save": str(tmp_path / "z1")}
+    train(zero1, 2)
+    with pytest.raises(AssertionError, match=r"saved with tensor_parallel 1, pipe_parallel 1, data_parallel 2, "
+                                             r"zero_stage 1; this run has .*data_parallel 1.*data_parallel differ"):
+        train({**zero1, "gradient_accumulation_steps": 2, "load": str(tmp_path / "z1"), "train_iters": 4}, 1)

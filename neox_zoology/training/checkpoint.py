@@ -11,6 +11,7 @@ reads and the next save or start removes, so `latest` always names a whole check
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -84,6 +85,7 @@ def save(engine, args, iteration: int) -> str:
         cfg_dir = staging / "configs"
         cfg_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(cfg_dir / "config.yml", yaml.safe_dump(args.to_dict(), sort_keys=True))
+        _atomic_write(cfg_dir / "topology.json", json.dumps(topology(args)))
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             if Path(save_dir, "latest").exists() and Path(save_dir, "latest").read_text().strip() == tag:
                 _atomic_write(Path(save_dir, "latest"), tag + INCOMPLETE)  # never name a half-deleted dir
@@ -119,10 +121,77 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load(engine, load_dir: str) -> int:
+def _deepspeed_globals() -> list:
+    """The non-tensor classes DeepSpeed puts in its checkpoint files (ZeRO optimizer states)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_loading(checkpoint_engine) -> None:
+    """Make DeepSpeed's torch checkpoint engine load with `weights_only=True` (it passes False): a
+    checkpoint file can then hold tensors, containers, numbers and the few classes above, never code."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(checkpoint_engine).__name__}: "
+                           f"only the torch engine is supported (remove checkpoint engine options from the config)")
+
+    def load(path: str, map_location=None):
+        import pickle
+        import re
+
+        try:
+            with torch.serialization.safe_globals(_deepspeed_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            raise RuntimeError(
+                f"{path}: refused to load: the file references {found.group(1) if found else 'a Python object'}, "
+                f"which is not checkpoint data (checkpoints load with weights_only=True, so a file cannot run "
+                f"code). Use a checkpoint written by this project, or re-save the file's tensors"
+            ) from None
+
+    checkpoint_engine.load = load
+
+
+def topology(args) -> dict:
+    return {"tensor_parallel": args.tp, "pipe_parallel": args.pp, "data_parallel": args.dp,
+            "zero_stage": int(args.zero_optimization.get("stage", 0))}
+
+
+def check_topology(args, load_dir: str, tag: str) -> None:
+    """Resuming needs the same TP and PP; a different DP size only without ZeRO partitioning (stage 0),
+    where every rank holds the whole optimizer state. Anything else fails here, before training."""
+    from neox_zoology.config import ConfigError
+
+    path = Path(load_dir, tag, "configs", "topology.json")
+    if not path.exists():
+        return
+    saved, now = json.loads(path.read_text()), topology(args)
+    changed = [k for k in ("tensor_parallel", "pipe_parallel", "zero_stage") if saved.get(k) != now[k]]
+    if saved.get("data_parallel") != now["data_parallel"] and (saved.get("zero_stage") or now["zero_stage"]):
+        changed.append("data_parallel")
+    if changed:
+        def show(t):
+            return ", ".join(f"{k} {t.get(k)}" for k in now)
+
+        raise ConfigError(
+            f"load: {Path(load_dir, tag)} was saved with {show(saved)}; this run has {show(now)}. "
+            f"{', '.join(changed)} differ: resume with the saved sizes (a different data-parallel size works only "
+            f"with zero_optimization.stage 0 on both sides), or start a new run without `load`"
+        )
+
+
+def load(engine, load_dir: str, args=None) -> int:
     """Resume engine, optimizer, LR schedule and RNG from `latest`; returns the iteration (0 if none)."""
     if not Path(load_dir, "latest").exists():
         return 0
+    if args is not None:
+        check_topology(args, load_dir, Path(load_dir, "latest").read_text().strip())
+    weights_only_loading(engine.checkpoint_engine)
     path, client = engine.load_checkpoint(load_dir, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"{load_dir}: checkpoint {Path(load_dir, 'latest').read_text()!r} could not be loaded")

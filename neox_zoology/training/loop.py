@@ -155,7 +155,7 @@ def run(args, summary_path: str | None = None) -> dict:
             removed = checkpoint.remove_incomplete(args.save) if os.path.isdir(args.save) else []
             if removed:
                 log.info(f"removed interrupted checkpoint saves: {', '.join(removed)}")
-        start = checkpoint.load(engine, args.load) if args.load else 0
+        start = checkpoint.load(engine, args.load, args) if args.load else 0
         if start:
             log.info(f"resumed from {args.load} at iteration {start}")
 
