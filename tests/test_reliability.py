@@ -154,3 +154,33 @@ def test_resume_with_another_dp_size_is_exact_without_zero_and_refused_with_it(t
     with pytest.raises(AssertionError, match=r"saved with tensor_parallel 1, pipe_parallel 1, data_parallel 2, "
                                              r"zero_stage 1; this run has .*data_parallel 1.*data_parallel differ"):
         train({**zero1, "gradient_accumulation_steps": 2, "load": str(tmp_path / "z1"), "train_iters": 4}, 1)
+
+
+@pytest.mark.slow
+def test_two_node_launch_equals_two_ranks_on_one_node(tiny_raw, tmp_path):
+    """Two `deepspeed --no_ssh` launches (node ranks 0 and 1, one CPU rank each, master 127.0.0.1)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from dist import free_port
+
+    raw = tiny_raw(train_iters=3)
+    single = train(raw, 2)[0]
+    cfg, hostfile = tmp_path / "tiny.yml", tmp_path / "hostfile"
+    cfg.write_text(yaml.safe_dump(raw))
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r), "--master_addr",
+             "127.0.0.1", "--master_port", port, "train.py", str(cfg), "--summary-json", str(tmp_path / f"s{r}.json")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "TP 1 PP 1 DP 2" in outs[0]
+    two_node = json.loads((tmp_path / "s0.json").read_text())  # written by global rank 0
+    assert losses(two_node) == pytest.approx(losses(single), abs=1e-6)
