@@ -24,6 +24,10 @@ import yaml
 from neox_zoology import registry
 
 
+MAX_LAYERS = 100_000
+"""Sanity bound: the layer pattern is expanded to a list of num_layers entries before anything else."""
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user (one line)."""
 
@@ -354,6 +358,9 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
         args.max_position_embeddings = args.seq_length
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if isinstance(args.num_layers, int) and args.num_layers > MAX_LAYERS:
+        raise ConfigError(f"{where('num_layers')}: num_layers: {args.num_layers} is more than {MAX_LAYERS:,} layers; "
+                          f"check the value (GPT-NeoX configs use 6 to 96)")
     try:
         types = expand_attention_config(args.attention_config, args.num_layers, f"{where('attention_config')}: attention_config")
         args.layer_types = [registry.canonical(t) for t in types]
@@ -442,11 +449,11 @@ def _validate(args: Args, where) -> None:
     shape = args.shape()
     for t in sorted(set(args.layer_types)):
         spec = registry.get(t)
-        for occ in range(args.layer_types.count(t)):
-            spec.per_layer(args.mixer_args(t), occ)  # raises on malformed cycles
         problems = spec.validate(shape, args.mixer_args(t))
         if problems:
             raise ConfigError(f"{where(t)}: {problems[0]}")
+        for occ in range(args.layer_types.count(t)):
+            spec.per_layer(args.mixer_args(t), occ)  # the per-layer arguments of valid sections build
     if args.dtype_name == "fp16" and not _cuda_available():
         raise ConfigError(
             f"{where('fp16' if 'fp16' in args.sources else 'precision')}: fp16 needs CUDA (DeepSpeed has no fp16 on CPU); "

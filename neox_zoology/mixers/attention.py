@@ -107,9 +107,16 @@ def _validate(shape, args, need_window=False):
         errors.append(f"window: {w!r}; use a positive number of positions (e.g. 256)")
     if args["pos_emb"] not in ("rotary", "learned", "none"):
         errors.append(f"pos_emb: {args['pos_emb']!r}; use rotary, learned or none")
-    if not 0.0 <= float(args["rotary_pct"]) <= 1.0:
-        errors.append(f"rotary_pct: {args['rotary_pct']!r}; use a fraction in [0, 1]")
+    pct, base = args["rotary_pct"], args["rotary_emb_base"]
+    if not _is_number(pct) or not 0.0 <= pct <= 1.0:
+        errors.append(f"rotary_pct: {pct!r}; use a fraction in [0, 1]")
+    if not _is_number(base) or not base > 0:
+        errors.append(f"rotary_emb_base: {base!r}; use a positive number, e.g. 10000")
     return errors
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
 
 _GLOBALS = ("pos_emb", "rotary_pct", "rotary_emb_base")

@@ -80,6 +80,8 @@ def _validate(shape, args):
     errors = []
     ks = args["kernel_sizes"]
     ks = ks if isinstance(ks, (list, tuple)) else [ks]
+    if not ks:
+        errors.append("baseconv.kernel_sizes: []; list at least one filter size, e.g. [3, -1]")
     for k in ks:
         if not isinstance(k, int) or isinstance(k, bool) or not (k == -1 or 0 < k <= shape.seq_length):
             errors.append(
@@ -88,6 +90,14 @@ def _validate(shape, args):
             )
     if args["long_filter"] not in ("implicit", "explicit"):
         errors.append(f"baseconv.long_filter: {args['long_filter']!r}; use 'implicit' or 'explicit'")
+    e, h = args["filter_emb_dim"], args["filter_hidden"]
+    if not isinstance(e, int) or isinstance(e, bool) or e < 3 or e % 2 == 0:
+        errors.append(f"baseconv.filter_emb_dim: {e!r}; use an odd int >= 3 (t plus cos/sin pairs), e.g. 3")
+    if not isinstance(h, int) or isinstance(h, bool) or h <= 0:
+        errors.append(f"baseconv.filter_hidden: {h!r}; use a positive int (the filter MLP width), e.g. 16")
+    for key in ("fft_skip", "use_act"):
+        if not isinstance(args[key], bool):
+            errors.append(f"baseconv.{key}: {args[key]!r}; use true or false")
     return errors
 
 
