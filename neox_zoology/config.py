@@ -489,6 +489,9 @@ def check_paths(args: Args, need_data: bool = True) -> None:
                     f"{args.sources.get(key, 'config')}: {key}: {prefix}{ext} not found; give the prefix of a "
                     f".bin/.idx pair (see README 'Data')"
                 )
+        from neox_zoology.data import check_indexed_dataset
+
+        check_indexed_dataset(prefix)  # whole and consistent, before any process starts
     for paths, weights in (("train_data_paths", "train_data_weights"), ("valid_data_paths", "valid_data_weights"),
                            ("test_data_paths", "test_data_weights")):
         p, w = getattr(args, paths), getattr(args, weights)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -36,6 +38,60 @@ def _blend(paths, weights):
     if not paths:
         return None
     return (list(paths), [float(w) for w in weights] if weights else None)
+
+
+TOKEN_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 8: "uint16"}
+"""megatron-core's index dtype codes that can hold token ids (6 and 7 are float64/float32)."""
+
+
+def check_indexed_dataset(prefix: str, vocab_size: int | None = None, sample_tokens: int = 1 << 20) -> int:
+    """Check a megatron .bin/.idx pair before megatron-core maps it; returns its document count.
+
+    The .idx header (magic, version, dtype code, counts) and arrays must be whole, the .bin exactly as
+    long as the index says, sequence pointers consistent with the lengths, and, given `vocab_size`,
+    the first and last `sample_tokens` token ids inside the vocabulary (a wrong dtype code or a file
+    of another tokenizer shows there). Any failure is a ConfigError naming the file and the fix.
+    """
+    import struct
+
+    from neox_zoology.config import ConfigError
+
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    fix = f"re-run `python -m tokenization.preprocess` for {prefix}"
+    raw = idx.read_bytes()
+    header = 9 + 8 + 1 + 8 + 8
+    if len(raw) < header or raw[:9] != b"MMIDIDX\x00\x00":
+        raise ConfigError(f"{idx}: not a megatron index (bad header or {len(raw)} bytes); {fix}")
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", raw[9:header])
+    if version != 1:
+        raise ConfigError(f"{idx}: index version {version}, expected 1; {fix}")
+    if code not in TOKEN_DTYPES:
+        raise ConfigError(f"{idx}: dtype code {code} cannot hold token ids (known: {TOKEN_DTYPES}); {fix}")
+    need = header + 4 * n_seq + 8 * n_seq + 8 * n_doc
+    if len(raw) != need:
+        raise ConfigError(f"{idx}: {len(raw)} bytes, but its header ({n_seq} sequences, {n_doc} document "
+                          f"boundaries) needs {need}: the file is truncated or corrupt; {fix}")
+    lengths = np.frombuffer(raw, np.int32, n_seq, header)
+    pointers = np.frombuffer(raw, np.int64, n_seq, header + 4 * n_seq)
+    docs = np.frombuffer(raw, np.int64, n_doc, header + 12 * n_seq)
+    item = np.dtype(TOKEN_DTYPES[code]).itemsize
+    if n_seq and ((lengths < 0).any() or (pointers != np.concatenate([[0], np.cumsum(lengths[:-1].astype(np.int64) * item)])).any()):
+        raise ConfigError(f"{idx}: sequence lengths and pointers disagree: the index is corrupt; {fix}")
+    if n_doc == 0 or docs[0] != 0 or docs[-1] != n_seq or (np.diff(docs) < 0).any():
+        raise ConfigError(f"{idx}: document boundaries are not 0 ... {n_seq} in order: the index is corrupt; {fix}")
+    expected = int(lengths.astype(np.int64).sum()) * item
+    actual = bin_.stat().st_size
+    if actual != expected:
+        raise ConfigError(f"{bin_}: {actual} bytes, but {idx} describes {expected} ({expected // item} tokens of "
+                          f"{TOKEN_DTYPES[code]}): the pair does not belong together or the .bin is truncated; {fix}")
+    if vocab_size is not None and expected:
+        tokens = np.memmap(bin_, dtype=TOKEN_DTYPES[code], mode="r")
+        for part in (tokens[:sample_tokens], tokens[-sample_tokens:]):
+            lo, hi = int(part.min()), int(part.max())
+            if lo < 0 or hi >= vocab_size:
+                raise ConfigError(f"{bin_}: token ids {lo} .. {hi} fall outside the tokenizer's vocabulary of "
+                                  f"{vocab_size}: the data was written with another tokenizer or dtype; {fix}")
+    return n_doc - 1
 
 
 def check_split(args) -> None:
@@ -85,6 +141,9 @@ def build_datasets(args, tokenizer, eval_runs: int) -> Splits:
         path_to_cache=cache,
         mmap_bin_files=True,
     )
+    for prefix in [args.data_path] if args.data_path else [
+            p for key in ("train_data_paths", "valid_data_paths", "test_data_paths") for p in getattr(args, key) or []]:
+        check_indexed_dataset(prefix, tokenizer.vocab_size if tokenizer is not None else args.vocab_size)
     if args.data_path:
         check_split(args)
         config = GPTDatasetConfig(blend=([args.data_path], None), split=args.split, **common)
