@@ -108,6 +108,8 @@ class Args:
     checkpoint_factor: int | None = _doc("save every N iterations", None)
     extra_save_iters: list | None = _doc("extra iterations to save at", None)
     keep_last_n_checkpoints: int | None = _doc("prune older complete checkpoints", None)
+    checkpoint_activations: bool = _doc("recompute each group of checkpoint_num_layers blocks in backward", False)
+    checkpoint_num_layers: int = _doc("blocks per activation-checkpointing group", 1)
     max_nonfinite_steps: int = _doc(
         "steps with non-finite gradients are skipped; after this many in a row the run stops (exit 3)", 5)
     eval_interval: int = _doc("validation every N iterations", 1000)
@@ -206,7 +208,7 @@ NEOX_NO_EFFECT = {
     "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion", "bias_gelu_fusion",
     "bias_dropout_fusion", "rope_fusion", "layernorm_fusion", "use_bnb_optimizer", "fp32_allreduce",
     "partition_activations", "synchronize_each_layer", "contiguous_checkpointing",
-    "checkpoint_in_cpu", "checkpoint_activations", "checkpoint_num_layers", "wall_clock_breakdown",
+    "checkpoint_in_cpu", "wall_clock_breakdown",
     "distributed_backend", "hostfile", "include", "exclude", "num_gpus", "num_nodes", "master_port",
     "master_addr", "launcher", "deepspeed_mpi", "deepspeed_slurm", "data_impl", "num_workers",
     "mmap_warmup", "checkpoint_validation_with_forward_pass", "use_wandb", "wandb_project",
@@ -380,7 +382,8 @@ def _positive(args: Args, where, *names):
 def _validate(args: Args, where) -> None:
     _positive(args, where, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
               "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "model_parallel_size",
-              "log_interval", "eval_interval", "make_vocab_size_divisible_by", "max_nonfinite_steps")
+              "log_interval", "eval_interval", "make_vocab_size_divisible_by", "max_nonfinite_steps",
+              "checkpoint_num_layers")
     if args.pipe_parallel_size < 0:
         raise ConfigError(f"{where('pipe_parallel_size')}: pipe_parallel_size: {args.pipe_parallel_size} must be >= 0")
     choice = {

@@ -49,6 +49,15 @@ class MLP(nn.Module):
         return y
 
 
+def activation_checkpoint(function, *inputs):
+    """megatron-core's `tensor_parallel.checkpoint`: keeps the inputs, recomputes `function` in backward
+    with the CPU, CUDA and model-parallel RNG states of the first pass (dropout and random selections
+    draw the same numbers twice)."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.checkpoint(function, False, *inputs)
+
+
 class ZooBlock(nn.Module):
     """One layer. The class name is what `pipe_partition_method: type:ZooBlock` balances over."""
 
@@ -69,9 +78,15 @@ class ZooBlock(nn.Module):
         else:
             self.mlp = MLP(config, args.ffn_hidden_size, args.gated_mlp, args.mlp_bias)
         self.dropout = nn.Dropout(args.hidden_dropout)
+        self.recompute = False
+        """Activation checkpointing of this block alone (set by the pipeline engine's builder)."""
 
     def forward(self, inputs):
-        x, token_ids = inputs
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return activation_checkpoint(self._body, *inputs)
+        return self._body(*inputs)
+
+    def _body(self, x, token_ids):
         m, bias = self.mixer(self.input_norm(x), token_ids=token_ids if self.needs_token_ids else None)
         if bias is not None:
             m = m + bias

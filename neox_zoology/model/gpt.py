@@ -15,7 +15,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from megatron.core import tensor_parallel
 from torch import nn
 
-from neox_zoology.model.block import ZooBlock, build_norm
+from neox_zoology.model.block import ZooBlock, activation_checkpoint, build_norm
 from neox_zoology.parallel import ColumnLinear, VocabEmbedding, copy_to_tp, tp_size
 
 
@@ -114,6 +114,7 @@ class SequentialGPT(nn.Module):
     def __init__(self, args, config, seed: int | None = None):
         super().__init__()
         seed = args.seed if seed is None else seed
+        self.checkpoint_layers = args.checkpoint_num_layers if args.checkpoint_activations else 0
         self.layers = nn.ModuleList()
         self._forward_fns = []
         tied: dict[str, nn.Module] = {}
@@ -129,7 +130,26 @@ class SequentialGPT(nn.Module):
             self._forward_fns.append((module, getattr(spec, "forward_fn", None)))
 
     def forward(self, tokens):
-        x = tokens
-        for module, fn in self._forward_fns:
+        x, fns, i = tokens, self._forward_fns, 0
+        recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled()
+        while i < len(fns):
+            module, fn = fns[i]
+            if recompute and isinstance(module, ZooBlock):
+                j = i
+                while j < len(fns) and j - i < self.checkpoint_layers and isinstance(fns[j][0], ZooBlock):
+                    j += 1
+                x = activation_checkpoint(_run_blocks([m for m, _ in fns[i:j]]), *x)
+                i = j
+                continue
             x = fn(module, x) if fn is not None else module(x)
+            i += 1
         return x
+
+
+def _run_blocks(blocks):
+    def run(*inputs):
+        for block in blocks:
+            inputs = block(inputs)
+        return inputs
+
+    return run

@@ -6,6 +6,7 @@ import math
 import torch
 
 from neox_zoology.mixers.base import NO_WEIGHT_DECAY
+from neox_zoology.model.block import ZooBlock
 from neox_zoology.model.gpt import SequentialGPT, layer_specs, lm_loss
 from neox_zoology.model.tconfig import transformer_config
 
@@ -132,8 +133,13 @@ def build_engine(args, topology):
             seed_layers=True,
             seed_fn=torch.manual_seed,
             base_seed=args.seed,
+            # Checkpointing is done per block by ZooBlock itself (below), not by DeepSpeed's interval
+            # mechanism, which reseeds every layer of a checkpointed group with the group's first seed.
             activation_checkpoint_interval=0,
         )
+        for block in model.modules():
+            if isinstance(block, ZooBlock):
+                block.recompute = args.checkpoint_activations
         mpu = None  # the topology carries the groups
     else:
         model = SequentialGPT(args, config)

@@ -147,6 +147,9 @@ def run(args, summary_path: str | None = None) -> dict:
         model_parallel_seed(args.seed)
         tokenizer = load_tokenizer(args)
         resolve_vocab(args, tokenizer)
+        if args.checkpoint_activations and args.pipe_parallel_size >= 1 and args.checkpoint_num_layers > 1:
+            log.info(f"pipeline engine: activation checkpointing per block (checkpoint_num_layers "
+                     f"{args.checkpoint_num_layers} groups blocks only under the plain engine)")
         if args.ignored_keys:
             log.info(f"accepted GPT-NeoX keys with no effect here: {', '.join(sorted(set(args.ignored_keys)))}")
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
