@@ -118,6 +118,9 @@ class Args:
     steps_per_print: int = _doc("DeepSpeed's own print interval", 10)
     tensorboard_dir: str | None = _doc("tensorboard event directory", None)
     log_dir: str | None = _doc("text log directory", None)
+    ar_eval: dict = _doc(
+        "AR-slice evaluation after each checkpoint: {enabled, iters, threshold, bigram_counts, reference, strict, "
+        "timeout} (see README 'AR-slice evaluation')", factory=lambda: dict(AR_EVAL_DEFAULTS))
     # ---- per-mixer sections (one key per registered layer type) ----
     mixer_sections: dict = _doc("internal: the YAML sections of the layer types", factory=dict)
     # ---- derived (not YAML keys) ----
@@ -194,6 +197,64 @@ class Args:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out.update(self.mixer_sections)
         return out
+
+
+AR_EVAL_DEFAULTS = {
+    "enabled": False,
+    "iters": 10,  # validation batches (global batches) per evaluation
+    "threshold": 1250,  # an AR hit's bigram occurred at most this many times in training (the paper's value)
+    "bigram_counts": None,  # .npz of training bigram counts (tokenization/bigrams.py)
+    "reference": None,  # ar_slice.json (or run directory) of an attention run for gap attribution
+    "strict": False,  # true: a failure inside the evaluation stops training
+    "timeout": 1800.0,  # seconds; evaluation stops early (results marked truncated) after this
+}
+
+
+def _validate_ar_eval(args: Args, where) -> None:
+    w = where("ar_eval")
+    section = args.ar_eval
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{w}: ar_eval: {section!r} is not a mapping; use e.g. ar_eval: {{enabled: true, "
+                          f"bigram_counts: data/bigrams.npz}}")
+    section = {normalize_key(k): v for k, v in section.items()}
+    unknown = sorted(set(section) - set(AR_EVAL_DEFAULTS))
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], AR_EVAL_DEFAULTS, n=1)
+        raise ConfigError(f"{w}: ar_eval.{unknown[0]}: unknown key{'; did you mean ' + hint[0] + '?' if hint else ''}"
+                          f" (valid: {', '.join(AR_EVAL_DEFAULTS)})")
+    cfg = {**AR_EVAL_DEFAULTS, **section}
+    for key in ("enabled", "strict"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{w}: ar_eval.{key}: {cfg[key]!r} is not true/false")
+    for key in ("iters", "threshold"):
+        v = cfg[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "iters" else 0):
+            raise ConfigError(f"{w}: ar_eval.{key}: {v!r}; use a{' positive' if key == 'iters' else ' non-negative'} integer")
+    t = cfg["timeout"]
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+        raise ConfigError(f"{w}: ar_eval.timeout: {t!r}; use a positive number of seconds (or null for none)")
+    for key in ("bigram_counts", "reference"):
+        if cfg[key] is not None and not isinstance(cfg[key], str):
+            raise ConfigError(f"{w}: ar_eval.{key}: {cfg[key]!r} is not a path")
+    if cfg["enabled"]:
+        if not cfg["bigram_counts"]:
+            raise ConfigError(
+                f"{w}: ar_eval.bigram_counts is not set but ar_eval.enabled is true; set it to the .npz of training "
+                f"bigram counts (build it with tokenization/bigrams.py) or set ar_eval.enabled: false"
+            )
+        if not Path(cfg["bigram_counts"]).is_file():
+            raise ConfigError(
+                f"{w}: ar_eval.bigram_counts: file {cfg['bigram_counts']} not found; build it from the training data "
+                f"with tokenization/bigrams.py and fix the path (or set ar_eval.enabled: false)"
+            )
+        if cfg["reference"] and not Path(cfg["reference"]).exists():
+            raise ConfigError(
+                f"{w}: ar_eval.reference: {cfg['reference']} not found; give the ar_slice.json (or the save directory) "
+                f"of an evaluated attention run, or remove the key"
+            )
+    args.ar_eval = cfg
 
 
 def _enabled(section) -> bool:
@@ -448,6 +509,7 @@ def _validate(args: Args, where) -> None:
             f"{where('train_batch_size')}: train_batch_size {args.train_batch_size} != micro batch "
             f"{args.train_micro_batch_size_per_gpu} x accumulation {args.gradient_accumulation_steps} x DP {args.dp}"
         )
+    _validate_ar_eval(args, where)
     # per-mixer arguments at this shape
     shape = args.shape()
     for t in sorted(set(args.layer_types)):

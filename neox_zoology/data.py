@@ -126,9 +126,12 @@ def check_split(args) -> None:
 
 
 def build_datasets(args, tokenizer, eval_runs: int) -> Splits:
-    """GPTDatasets sized for `train_iters` steps and `eval_runs` evaluations of `eval_iters` batches."""
+    """GPTDatasets sized for `train_iters` steps, `eval_runs` evaluations of `eval_iters` batches and the
+    AR-slice hook's `ar_eval.iters` batches (the same ones at every checkpoint)."""
     g = args.global_batch
-    sizes = [args.train_iters * g, max(1, eval_runs) * args.eval_iters * g, args.eval_iters * g]
+    ar = args.ar_eval or {}
+    valid = max(max(1, eval_runs) * args.eval_iters, int(ar.get("iters", 0)) if ar.get("enabled") else 0)
+    sizes = [args.train_iters * g, valid * g, args.eval_iters * g]
     cache = args.data_cache_path or os.path.join(args.save or "runs", "data_cache")
     common = dict(
         random_seed=args.seed,

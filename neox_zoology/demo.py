@@ -1,6 +1,10 @@
 """`make demo`: train the CPU demo hybrid on 2 local CPU ranks through the real `deepspeed` launcher.
 
-Prints the first and last training loss, the checkpoint path, the throughput and the wall time.
+Prints the first and last training loss, the checkpoint path, the throughput and the wall time, and
+ends with the AR-slice summary of the final checkpoint: the training bigram counts of the demo corpus
+are built first (data/demo/bigrams_train.npz), the after-checkpoint evaluation is switched on with
+`--set ar_eval=...`, and when the checkpoint has no ar_slice.json the standalone evaluation
+(`python -m eval.ar_slice`) computes it.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ def main(argv=None) -> int:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run every time: the demo shows training from scratch
     summary = run_dir / "summary.json"
+    bigrams = _demo_bigram_counts(ns.config)
     launcher = shutil.which("deepspeed")
     if launcher is None:
         print("deepspeed launcher not found on PATH; run `make demo` (it uses .venv/bin)", file=sys.stderr)
@@ -33,6 +38,8 @@ def main(argv=None) -> int:
     cmd = [launcher, "--num_gpus", str(ns.ranks), "train.py", ns.config,
            "--set", f"save={run_dir}/checkpoints", "--set", f"tensorboard_dir={run_dir}/tensorboard",
            "--summary-json", str(summary)]
+    if bigrams:
+        cmd += ["--set", f"ar_eval={{enabled: true, bigram_counts: {bigrams}, iters: 10}}"]
     for s in ns.sets:
         cmd += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # several ranks on few cores: one thread each
@@ -53,6 +60,48 @@ def main(argv=None) -> int:
     print(f"  throughput      {s['tokens_per_s']:,.0f} tokens/s")
     print(f"  checkpoint      {s['checkpoint']}")
     print(f"  tensorboard     {run_dir}/tensorboard")
+    if bigrams and s["checkpoint"]:
+        return _ar_slice_summary(Path(s["checkpoint"]), bigrams, env)
+    return 0
+
+
+def _demo_bigram_counts(config: str) -> str | None:
+    """The demo corpus's training bigram counts (built once, beside the data)."""
+    from eval import ar_slice
+    from neox_zoology.config import ConfigError, load
+    from tokenization.tokenizer import build_tokenizer
+
+    try:
+        args = load([config], world_size=1)
+        tok = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"AR-slice evaluation skipped: {exc}", file=sys.stderr)
+        return None
+    if not args.data_path:
+        return None
+    out = Path(args.data_path).parent / "bigrams_train.npz"
+    ident = ar_slice.tokenizer_identity(tok)
+    try:
+        ar_slice.load_bigram_counts(out, expected_vocab_size=tok.vocab_size, expected_tokenizer=ident)
+    except ar_slice.ARSliceError:  # missing or from another build of the corpus
+        ar_slice.count_training_bigrams(args.data_path, args.split, tok.vocab_size, ident, out)
+    return str(out)
+
+
+def _ar_slice_summary(ckpt: Path, bigrams: str, env: dict) -> int:
+    from eval import ar_slice
+
+    result = ckpt / "ar_slice.json"
+    if not result.exists():  # the training loop did not run the hook: evaluate the checkpoint standalone
+        cmd = [sys.executable, "-m", "eval.ar_slice", str(ckpt / "configs" / "config.yml"), "--load", str(ckpt),
+               "--out", str(result), "--bigram-counts", bigrams, "--set", "tensorboard_dir=null"]
+        rc = subprocess.call(cmd, env=env, stdout=subprocess.DEVNULL)
+        if rc != 0 or not result.exists():
+            print(f"AR-slice evaluation of {ckpt} failed (exit {rc}): {' '.join(cmd)}", file=sys.stderr)
+            return rc or 1
+    print()
+    print(ar_slice.format_summary(json.loads(result.read_text())))
+    print(f"  results         {result} (plot: {result.with_suffix('.png').name})")
     return 0
 
 

@@ -95,15 +95,19 @@ def layer_specs(args, config) -> list:
     return specs
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [b, s] from vocab-parallel logits [b, s, V/tp] (no logits gather)."""
+    if tp_size() > 1:
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), reduction="none"
+    ).view_as(labels)
+
+
 def lm_loss(logits: torch.Tensor, labels_and_mask) -> torch.Tensor:
     """Masked mean cross-entropy over vocab-parallel logits [b, s, V/tp] (no logits gather)."""
     labels, loss_mask = labels_and_mask
-    if tp_size() > 1:
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-    else:
-        losses = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), reduction="none"
-        ).view_as(labels)
+    losses = token_nll(logits, labels)
     mask = loss_mask.float()
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 

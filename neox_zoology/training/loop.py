@@ -168,6 +168,16 @@ def run(args, summary_path: str | None = None) -> dict:
         train_batches = BatchIterator(splits.train, args.train_micro_batch_size_per_gpu,
                                       args.gradient_accumulation_steps, dp_rank, dp_size, start)
 
+        from eval.hook import ArSliceHook
+
+        def valid_batches():  # the same batches at every checkpoint, so that steps compare
+            if splits.valid is None:
+                return None
+            return BatchIterator(splits.valid, args.train_micro_batch_size_per_gpu,
+                                 args.gradient_accumulation_steps, dp_rank, dp_size, 0)
+
+        ar_hook = ArSliceHook(args, engine, valid_batches, log, tokenizer=tokenizer)
+
         flops_tok = 3 * flops.model_forward_per_token(args)
         meter = Throughput(args.global_batch * args.seq_length, flops_tok, args.world_size)
         log.info(
@@ -232,6 +242,7 @@ def run(args, summary_path: str | None = None) -> dict:
             if args.save and _should_save(args, step):
                 last_ckpt = checkpoint.save(engine, args, step)
                 log.info(f"saved checkpoint {last_ckpt}")
+                ar_hook(step, last_ckpt)  # every rank; a no-op unless ar_eval.enabled; raises only if strict
         summary = {
             "first_loss": losses[0][1] if losses else None,
             "last_loss": losses[-1][1] if losses else None,
