@@ -75,6 +75,8 @@ def default_variants() -> list[str]:
 
     out = []
     for name in registry.names():
+        if name.startswith("sparse_"):  # selection layers: measured against attention by bench.sparse
+            continue
         out += ["baseconv_short", "baseconv_long"] if name == "baseconv" else [name]
     return out
 
@@ -366,7 +368,7 @@ def run_benchmark(ns) -> dict:
         for v in variants:
             if (v, L) in ns.skip:
                 r = {"mixer": v, "batch": batch, "seq_len": L, "skipped": ns.skip[(v, L)]}
-            elif L in ns.only_at and v != "attention" and v not in ns.only_at[L]:
+            elif L in ns.only_at and v not in ("attention", PROJECTION) and v not in ns.only_at[L]:
                 r = {"mixer": v, "batch": batch, "seq_len": L,
                      "skipped": f"not measured at L={L} (only the gated convolutions and attention; --only-at)"}
             else:
