@@ -247,3 +247,20 @@ def test_activation_checkpointing_in_the_pipeline_trains_identically(tiny_raw):
     plain = train(raw, 2)[0]
     ckpt = train({**raw, "checkpoint_activations": True, "checkpoint_num_layers": 1}, 2)[0]
     assert losses(ckpt) == pytest.approx(losses(plain), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- sparse hybrids through the loop
+
+
+def test_sparse_learned_hybrid_dp2_equals_dp1_with_accumulation_and_logs_its_stats(tiny_raw, tmp_path):
+    raw = tiny_raw(attention_config=[[["baseconv", "sparse_learned"], "all"]],
+                   sparse_learned={"budget": 0.125, "aux_loss_coef": 1.0, "noise_std": 0.0},  # noise draws depend on DP layout
+                   log_dir=str(tmp_path / "logs"))
+    dp1 = train({**raw, "gradient_accumulation_steps": 2}, 1)[0]
+    dp2 = train({**raw, "gradient_accumulation_steps": 1}, 2)
+    for s in dp2:
+        assert losses(s) == pytest.approx(losses(dp1), abs=1e-5)
+    stats = dp2[0]["sparse_stats"]
+    assert set(stats) >= {"sparse/layer2/aux_loss", "sparse/layer2/selected_fraction", "sparse/layer4/aux_loss"}
+    assert 0.0 < stats["sparse/layer2/selected_fraction"] <= 1.0
+    assert "sparse: sparse/layer2/aux_loss=" in (tmp_path / "logs" / "train.log").read_text()

@@ -11,6 +11,7 @@ import torch
 from neox_zoology import flops
 from neox_zoology.config import ConfigError, pad_vocab
 from neox_zoology.data import BatchIterator, build_datasets, to_device
+from neox_zoology.mixers.sparse import collect_stats, set_aux_loss_scale
 from neox_zoology.model.gpt import lm_loss
 from neox_zoology.parallel import setup as psetup
 from neox_zoology.parallel.cpu_compat import model_parallel_seed
@@ -125,6 +126,15 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def aux_loss_scale(engine, args) -> float:
+    """The factor DeepSpeed applies to the LM loss before backward: 1 / accumulation steps (times the
+    fp16 loss scale); the sparse layers' auxiliary-loss gradients get the same factor."""
+    scale = 1.0 / engine.gradient_accumulation_steps()
+    if args.dtype_name == "fp16":
+        scale *= float(engine.optimizer.loss_scale)
+    return scale
+
+
 def _dp_mean(x: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
@@ -186,11 +196,13 @@ def run(args, summary_path: str | None = None) -> dict:
             f"{flops_tok / 1e9:.3f} GFLOP/token (fwd+bwd)"
         )
         losses, evals, last_ckpt, tput, skipped, preempted, in_a_row = [], [], None, [], [], None, 0
+        last_sparse_stats = {}
         opt = engine.zoo_optimizer
         for it in range(start, args.train_iters):
             # Non-finite gradients skip the step: ZeRO's optimizer detects them itself (engine.skipped_steps),
             # otherwise GuardedAdamW does; every rank reaches the same verdict.
             opt.last_skipped, ds_skipped = False, engine.skipped_steps
+            set_aux_loss_scale(aux_loss_scale(engine, args))  # every step: the fp16 loss scale moves
             loss = float(train_step(engine, train_batches, device))
             meter.tick()
             losses.append((it + 1, loss))
@@ -223,6 +235,11 @@ def run(args, summary_path: str | None = None) -> dict:
                     f"{m['s_per_step']:.3f} s/step"
                 )
                 log.scalars(step, {"loss": loss, "lr": lr, "grad_norm": gnorm, **m})
+                sparse_stats = collect_stats(engine)  # a collective: every rank, every log step
+                if sparse_stats:
+                    log.info("sparse: " + ", ".join(f"{k}={v:.4g}" for k, v in sparse_stats.items()))
+                    log.scalars(step, sparse_stats)
+                    last_sparse_stats = sparse_stats
                 meter.reset()
             if splits.valid is not None and args.eval_iters > 0 and step % args.eval_interval == 0:
                 run_idx = step // args.eval_interval - 1
@@ -253,6 +270,7 @@ def run(args, summary_path: str | None = None) -> dict:
             "start_iteration": start,
             "skipped_steps": skipped,
             "preempted_at": preempted,
+            "sparse_stats": last_sparse_stats,
         }
         if losses:
             log.info(
