@@ -5,12 +5,17 @@
 Every machine that runs the project has the corpus at hand, so the CPU demo needs no download.
 Writes into OUT:
 
-    corpus.jsonl                     one stdlib module per line, in the Pile's JSONL format
+    corpus.jsonl                     one stdlib module per line in the Pile's JSONL format:
+                                     {"text": ..., "meta": {"pile_set_name": "python-stdlib"}}
     spm.model, spm.vocab             a SentencePiece BPE tokenizer trained on it (SPMTokenizer)
     stdlib_text_document.bin/.idx    the tokenized documents, each followed by eod, as a
                                      megatron-core IndexedDataset; data_path is
                                      OUT/stdlib_text_document
+    stdlib_text_document.json,       what tokenization.preprocess writes beside a dataset: the
+    stdlib_report.json               tokenizer's identity, counts per pile_set_name
     manifest.json                    settings and counts; written last, it marks a finished build
+
+The corpus is tokenized by tokenization.preprocess, the same path the Pile takes.
 
 Everything is built in a hidden temporary folder and renamed into place when complete, so an
 interrupted build never leaves a partial dataset that looks usable. A finished build with the same
@@ -26,19 +31,20 @@ import shutil
 import sysconfig
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from tokenization.tokenizer import SPMTokenizer
+from tokenization.preprocess import preprocess
 from tokenization.train_spm import train_spm
 
 CORPUS = "corpus.jsonl"
 TOKENIZER = "spm"  # prefix: spm.model + spm.vocab
-DATA_PREFIX = "stdlib_text_document"
+OUTPUT_PREFIX = "stdlib"  # tokenization.preprocess names the dataset OUTPUT_PREFIX_text_document
+DATA_PREFIX = f"{OUTPUT_PREFIX}_text_document"
+REPORT = f"{OUTPUT_PREFIX}_report.json"
 MANIFEST = "manifest.json"
-OUTPUTS = (CORPUS, f"{TOKENIZER}.model", f"{TOKENIZER}.vocab",
-           f"{DATA_PREFIX}.bin", f"{DATA_PREFIX}.idx")  # renamed in this order, then MANIFEST
+OUTPUTS = (CORPUS, f"{TOKENIZER}.model", f"{TOKENIZER}.vocab", f"{DATA_PREFIX}.bin",
+           f"{DATA_PREFIX}.json", REPORT, f"{DATA_PREFIX}.idx")  # renamed in this order, then MANIFEST
 PILE_SET_NAME = "python-stdlib"
 TEMP_PREFIX = ".building-"
 
@@ -79,26 +85,11 @@ def _outputs_done(out: Path, settings: dict) -> dict | None:
     return manifest if same and all((out / name).is_file() for name in OUTPUTS) else None
 
 
-def _write_indexed_dataset(prefix: Path, tokenizer: SPMTokenizer, texts: list[str]) -> int:
-    """Tokenize each text, append eod, write ``prefix.bin/.idx``; return the token count."""
-    with warnings.catch_warnings():
-        # megatron-core warns that the optional fused GPU kernels (apex, TE) are missing.
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(
-        f"{prefix}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65500
-    )
-    tokens = 0
-    chunk = 256  # bounds memory for large --max-mb while keeping batch encoding parallel
-    for start in range(0, len(texts), chunk):
-        for ids in tokenizer.encode_batch(texts[start:start + chunk]):
-            ids.append(tokenizer.eod)
-            # add_document also closes the document; end_document() is only for add_item().
-            builder.add_document(ids, [len(ids)])
-            tokens += len(ids)
-    builder.finalize(f"{prefix}.idx")
-    return tokens
+def _write_indexed_dataset(folder: Path, corpus: Path, model: Path) -> dict:
+    """Tokenize ``corpus`` with ``model`` into ``folder/DATA_PREFIX.bin/.idx``; return the summary."""
+    # One worker: the corpus is small, and worker processes would cost more to start than they save.
+    return preprocess([corpus], folder / OUTPUT_PREFIX, "SPMTokenizer", model, append_eod=True,
+                      workers=1, max_bad_fraction=0.0, progress=False)
 
 
 def build_demo_corpus(
@@ -111,7 +102,8 @@ def build_demo_corpus(
     """
     out = Path(out_dir)
     stdlib = sysconfig.get_paths()["stdlib"]
-    settings = {"max_mb": max_mb, "vocab_size": vocab_size, "stdlib": stdlib}
+    settings = {"max_mb": max_mb, "vocab_size": vocab_size, "stdlib": stdlib,
+                "pipeline": "tokenization.preprocess"}  # builds made before it are redone
     paths = {
         "corpus": str(out / CORPUS),
         "tokenizer": str(out / f"{TOKENIZER}.model"),
@@ -135,10 +127,12 @@ def build_demo_corpus(
                 f.write(json.dumps({"text": text, "meta": {"pile_set_name": PILE_SET_NAME}}) + "\n")
 
         train_spm(texts, tmp / TOKENIZER, vocab_size)
-        tokenizer = SPMTokenizer(str(tmp / f"{TOKENIZER}.model"))
-        tokens = _write_indexed_dataset(tmp / DATA_PREFIX, tokenizer, texts)
+        summary = _write_indexed_dataset(tmp, tmp / CORPUS, tmp / f"{TOKENIZER}.model")
+        for name in (f"{DATA_PREFIX}.json", REPORT):  # name the final folder, not the build folder
+            (tmp / name).write_text((tmp / name).read_text().replace(str(tmp), str(out)))
 
-        manifest = {**settings, "documents": len(texts), "tokens": tokens, "eod": tokenizer.eod}
+        manifest = {**settings, "documents": summary["documents"], "tokens": summary["tokens"],
+                    "eod": summary["tokenizer"]["eod"]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         # Remove an older build first (manifest, then .idx) and put the new .idx and manifest in
         # last, so no interruption can pair a new .bin with an old .idx or mark a partial build
