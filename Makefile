@@ -28,6 +28,10 @@ bench: $(STAMP)
 	mkdir -p bench/results
 	$(PY) -m bench.trainer_overhead --out bench/results/trainer_overhead.json
 	$(PY) -m bench.mixers --seq-len 2048 --out bench/results/mixers_2048.json --md bench/results/mixers_2048.md
+	$(PY) -m bench.sparse --seq-len 2048 8192 --out bench/results/sparse.json --md bench/results/sparse.md
+	$(PY) -m bench.ar_eval --out bench/results/ar_eval.json
+	$(PY) -m bench.preprocess --mb 24 --rounds 2 --out bench/results/preprocess.json --md bench/results/preprocess.md
+	$(PY) -m bench.bigrams --out bench/results/bigrams.json --md bench/results/bigrams.md
 
 clean:
 	rm -rf runs data/demo
