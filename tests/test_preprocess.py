@@ -445,3 +445,32 @@ def test_expand_inputs_keeps_order_and_sorts_folders(tmp_path):
     (tmp_path / "z.jsonl").write_bytes(b"")
     got = expand_inputs([tmp_path / "z.jsonl", tmp_path / "d"])
     assert [p.name for p in got] == ["z.jsonl", "a.jsonl.zst", "b.jsonl", "c.json.zst"]
+
+
+def test_random_byte_flips_in_a_zst_input_are_counted_or_refused_never_a_crash(tmp_path, tiny):
+    """Fuzz: 3 random bit flips per trial in a .jsonl.zst; every outcome is a dataset whose documents plus
+    reported skipped lines account for what was read, or a PreprocessError naming the file."""
+    texts = random_texts(60, seed=11)
+    good = write_jsonl(tmp_path / "good.jsonl.zst", docs(texts), zst_frames=2).read_bytes()
+    rng = random.Random(0)
+    outcomes = {"dataset": 0, "error": 0}
+    for trial in range(25):
+        buf = bytearray(good)
+        for _ in range(3):
+            buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+        src = tmp_path / f"flip{trial}.jsonl.zst"
+        src.write_bytes(bytes(buf))
+        prefix = tmp_path / f"p{trial}"
+        try:
+            result = run([src], prefix, tiny, max_bad_fraction=1.0)
+        except PreprocessError as exc:
+            assert str(src) in str(exc)
+            assert not Path(f"{prefix}_text_document.idx").exists()  # nothing readable left behind
+            outcomes["error"] += 1
+            continue
+        outcomes["dataset"] += 1
+        report = json.loads(Path(f"{prefix}_report.json").read_text())
+        assert result["documents"] == len(read_dataset(f"{prefix}_text_document"))
+        assert result["documents"] + sum(result["skipped_by_reason"].values()) >= 1
+        assert len(report["skipped_lines"]) == sum(result["skipped_by_reason"].values())
+    assert sum(outcomes.values()) == 25
