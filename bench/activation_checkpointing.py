@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine
+from bench.common import cores, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ["configs/neox/attention_360m.yml", "configs/neox/baseconv_360m.yml"]
@@ -44,20 +44,6 @@ def parse(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def one(ns, config: str, ckpt: bool) -> dict:
@@ -101,9 +87,8 @@ def one(ns, config: str, ckpt: bool) -> dict:
 
     first = step()  # warm-up: gradients allocated
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _rss()
+    reset_peak()
+    before = rss_bytes()
     times = []
     for _ in range(ns.steps):
         t = time.perf_counter()
@@ -111,8 +96,8 @@ def one(ns, config: str, ckpt: bool) -> dict:
         times.append(time.perf_counter() - t)
     return {"config": config, "checkpoint_activations": ckpt, "num_layers": args.num_layers,
             "parameters": sum(p.numel() for p in model.parameters()), "first_loss": first,
-            "time_s": statistics.median(times), "times_s": times, "activation_bytes": _hwm() - before,
-            "rss_before_bytes": before, "peak_rss_bytes": _hwm()}
+            "time_s": statistics.median(times), "times_s": times, "activation_bytes": maxrss_bytes() - before,
+            "rss_before_bytes": before, "peak_rss_bytes": maxrss_bytes()}
 
 
 def run(ns) -> dict:

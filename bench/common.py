@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import sys
 from pathlib import Path
 
@@ -53,3 +54,30 @@ def machine(threads: int) -> dict:
     if deepspeed is not None:
         out["deepspeed"] = deepspeed.__version__
     return out
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size (Linux /proc), None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def maxrss_bytes(who=resource.RUSAGE_SELF) -> int:
+    """Peak resident set size of this process (or its children) since start or the last reset_peak."""
+    r = resource.getrusage(who).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak-RSS counter (Linux: clear_refs 5); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -47,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine
+from bench.common import cores, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,31 +149,6 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 
-def _rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _maxrss_bytes(who=resource.RUSAGE_SELF) -> int:
-    r = resource.getrusage(who).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak-RSS counter (Linux: clear_refs 5); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(variant: str, *, batch: int, hidden: int, heads: int, L: int, repeats: int, warmup: int,
             mem: bool) -> dict:
     """Build one mixer, run warmup + repeats forward+backward steps; times (and memory if `mem`)."""
@@ -208,9 +183,9 @@ def measure(variant: str, *, batch: int, hidden: int, heads: int, L: int, repeat
             p.grad = None
 
     gc.collect()
-    reset = _reset_peak() if mem else False
-    rss_before = _rss_bytes() if mem else None
-    peak_before = _maxrss_bytes() if mem else None
+    reset = reset_peak() if mem else False
+    rss_before = rss_bytes() if mem else None
+    peak_before = maxrss_bytes() if mem else None
     for _ in range(warmup):
         step()
     times = []
@@ -221,7 +196,7 @@ def measure(variant: str, *, batch: int, hidden: int, heads: int, L: int, repeat
     out = {"mixer": variant, "layer_type": name, "build_kwargs": kwargs, "batch": batch, "seq_len": L,
            "parameters": n_params, "dense_projections": dense / hidden**2, "time_s": statistics.median(times), "time_s_min": min(times), "times_s": times}
     if mem:
-        peak = _maxrss_bytes()
+        peak = maxrss_bytes()
         out.update({
             "peak_mem_bytes": max(0, peak - rss_before),
             "rss_before_forward_bytes": rss_before,
@@ -244,7 +219,7 @@ def run_sub(variant: str, *, batch: int, L: int, ns, threads: int) -> dict:
     cmd = [sys.executable, "-m", "bench.mixers", "--_one", variant, "--batch", str(batch), "--hidden", str(ns.hidden),
            "--heads", str(ns.heads), "--seq-len", str(L), "--repeats", str(ns.repeats), "--warmup", str(ns.warmup),
            "--threads", str(threads)]
-    before = _maxrss_bytes(resource.RUSAGE_CHILDREN)
+    before = maxrss_bytes(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ns.timeout)
@@ -257,7 +232,7 @@ def run_sub(variant: str, *, batch: int, L: int, ns, threads: int) -> dict:
         return {"mixer": variant, "batch": batch, "seq_len": L,
                 "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    after = _maxrss_bytes(resource.RUSAGE_CHILDREN)
+    after = maxrss_bytes(resource.RUSAGE_CHILDREN)
     # RUSAGE_CHILDREN is the max over all children so far; it identifies this child only if it rose.
     res["child_maxrss_bytes"] = after if after > before else None
     res["subprocess_wall_s"] = wall

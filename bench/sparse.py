@@ -37,8 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine
-from bench.mixers import _maxrss_bytes, _reset_peak, _rss_bytes
+from bench.common import cores, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("attention", "sparse_random", "sparse_programmatic", "sparse_learned")
@@ -129,8 +128,8 @@ def measure(row: str, *, batch: int, hidden: int, heads: int, L: int, budget: fl
             p.grad = None
 
     gc.collect()
-    reset = _reset_peak() if mem else False
-    rss_before = _rss_bytes() if mem else None
+    reset = reset_peak() if mem else False
+    rss_before = rss_bytes() if mem else None
     for _ in range(warmup):
         step()
     times, cpu = [], []
@@ -146,7 +145,7 @@ def measure(row: str, *, batch: int, hidden: int, heads: int, L: int, budget: fl
     fraction = [v for k, v in stats.items() if k.endswith("selected_fraction")]
     out["selected_fraction"] = fraction[0] if fraction else None
     if mem:
-        peak = _maxrss_bytes()
+        peak = maxrss_bytes()
         out.update(peak_mem_bytes=max(0, peak - rss_before), rss_before_forward_bytes=rss_before,
                    peak_rss_bytes=peak, peak_reset=reset)
     return out

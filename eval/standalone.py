@@ -58,6 +58,7 @@ def run(ns) -> dict:
     from neox_zoology.data import BatchIterator, build_datasets
     from neox_zoology.parallel import setup as psetup
     from neox_zoology.parallel.cpu_compat import model_parallel_seed
+    from neox_zoology.training import checkpoint
     from neox_zoology.training.engine import build_engine
     from neox_zoology.training.loop import load_tokenizer, resolve_vocab
 
@@ -84,6 +85,7 @@ def run(ns) -> dict:
         tokenizer = load_tokenizer(args)
         resolve_vocab(args, tokenizer)
         engine = build_engine(args, topo)
+        checkpoint.weights_only_loading(engine.checkpoint_engine)  # as in training: no code in the files
         path, client = engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=False,
                                               load_lr_scheduler_states=False)
         if path is None:

@@ -200,6 +200,16 @@ def test_standalone_cli_evaluates_a_saved_checkpoint(tiny_raw, bigram_file, tmp_
     assert "ar_eval.bigram_counts: file" in err and "none.npz not found" in err
     assert run_ranks(_cli, 1, argv[:1] + ["--load", str(tmp_path), "--out", str(out)]) == [2]
     assert "no 'latest' file there" in capfd.readouterr().err
+    # checkpoint files load weights-only here too: a file that references code is refused
+    import torch
+
+    from test_reliability import _Payload
+
+    states = Path(ckpt) / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(states, weights_only=True), "note": _Payload(tmp_path / "executed")}, states)
+    with pytest.raises(AssertionError, match="mp_rank_00_model_states.pt: refused to load: the file references io.open"):
+        run_ranks(_cli, 1, argv)
+    assert not (tmp_path / "executed").exists()
 
 
 def test_module_entry_point_shows_usage():
