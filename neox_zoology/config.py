@@ -110,6 +110,11 @@ class Args:
     keep_last_n_checkpoints: int | None = _doc("prune older complete checkpoints", None)
     checkpoint_activations: bool = _doc("recompute each group of checkpoint_num_layers blocks in backward", False)
     checkpoint_num_layers: int = _doc("blocks per activation-checkpointing group", 1)
+    lm_head_chunk_tokens: int = _doc(
+        "LM head + loss in chunks of this many tokens, recomputed in backward, so the full [tokens, vocab] "
+        "logits never exist (0 = whole micro-batch at once)", 0)
+    compile: bool = _doc("torch.compile each block's mixer (measure first: bench.compile)", False)
+    fused_norms: bool = _doc("use NVIDIA apex's fused LayerNorm/RMSNorm when apex is installed (CUDA)", True)
     max_nonfinite_steps: int = _doc(
         "steps with non-finite gradients are skipped; after this many in a row the run stops (exit 3)", 5)
     eval_interval: int = _doc("validation every N iterations", 1000)
@@ -447,6 +452,9 @@ def _validate(args: Args, where) -> None:
               "checkpoint_num_layers")
     if args.pipe_parallel_size < 0:
         raise ConfigError(f"{where('pipe_parallel_size')}: pipe_parallel_size: {args.pipe_parallel_size} must be >= 0")
+    if args.lm_head_chunk_tokens < 0:
+        raise ConfigError(f"{where('lm_head_chunk_tokens')}: lm_head_chunk_tokens: {args.lm_head_chunk_tokens} must be "
+                          ">= 0 (0 = unchunked)")
     choice = {
         "norm": ("layernorm", "rmsnorm"), "activation": ("gelu", "swiglu"),
         "pos_emb": ("rotary", "learned", "none"), "lr_decay_style": ("cosine", "linear", "constant"),

@@ -127,6 +127,21 @@ def test_smoke_sweep_writes_results_resumes_and_refuses_other_settings(tmp_path,
     assert sw.table(changed) == {}  # cells computed with other settings are not reported as current
 
 
+def test_sweep_skips_widths_a_mixer_already_solved(tmp_path):
+    from eval.mqar import sweep as sw
+
+    cfg = {**configs.get("smoke"), "d_models": [16, 24], "mixers": ["attention", "baseconv"],
+           "steps": {"16": 15}, "eval_every": 15, "skip_solved_widths": True}
+    cfg["target_accuracy"] = 0.0  # every run reaches it: no larger width may run
+    data = sw.sweep(cfg, tmp_path / "a.json", workers=2, verbose=False)
+    assert set(data["cells"]) == {"attention|L16|kv2|d16", "baseconv|L16|kv2|d16"}
+    assert data["solved_below"] == {"attention|L16|kv2|d24": 16, "baseconv|L16|kv2|d24": 16}
+    assert "| ✓ |" in sw.markdown_table(data)
+    cfg["target_accuracy"] = 1.01  # never reached: every width runs
+    data = sw.sweep(cfg, tmp_path / "b.json", workers=2, verbose=False)
+    assert len(data["cells"]) == 4 and not data["solved_below"] and not data["errors"]
+
+
 def test_attention_learns_a_small_mqar_task():
     from eval.mqar.sweep import train_one
 

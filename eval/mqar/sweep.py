@@ -181,7 +181,7 @@ def cells(cfg: dict) -> list[tuple[str, int, int, int]]:
 
 def load_results(out: Path, cfg: dict) -> dict:
     if not out.exists():
-        return {"config": cfg, "cells": {}, "errors": {}, "skipped": []}
+        return {"config": cfg, "cells": {}, "errors": {}, "skipped": [], "solved_below": {}}
     data = json.loads(out.read_text())
     old_cfg = data.get("config", {})
     for cell in data.get("cells", {}).values():  # results written before cells recorded their settings
@@ -190,6 +190,12 @@ def load_results(out: Path, cfg: dict) -> dict:
     data.setdefault("cells", {})
     data.setdefault("errors", {})
     data["skipped"] = []
+    data["solved_below"] = {}
+    for pattern, seq_len, kv, d in cells(cfg):  # cells a run would skip, given what is cached
+        key = cell_key(pattern, seq_len, kv, d)
+        at = solved_at(data, pattern, seq_len, kv, d)
+        if at is not None and key not in data["cells"]:
+            data["solved_below"][key] = at
     return data
 
 
@@ -198,6 +204,21 @@ def save_results(out: Path, data: dict) -> None:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, out)
+
+
+def solved_at(data: dict, pattern: str, seq_len: int, kv: int, d: int) -> int | None:
+    """With `skip_solved_widths`, the smallest width below `d` at which this mixer already reached
+    `target_accuracy` for this length (the cell at `d` then cannot change the mixer's verdict: the
+    width it needs), else None."""
+    cfg = data["config"]
+    target = cfg.get("target_accuracy")
+    if target is None or not cfg.get("skip_solved_widths"):
+        return None
+    for smaller in sorted(int(x) for x in cfg["d_models"] if int(x) < d):
+        cell = data["cells"].get(cell_key(pattern, seq_len, kv, smaller))
+        if cell is not None and is_current(data, cell) and cell["best_accuracy"] >= target:
+            return smaller
+    return None
 
 
 def sweep(cfg: dict, out: str | Path, workers: int = 1, threads: int = 1, plot: str | Path | None = None,
@@ -236,15 +257,47 @@ def sweep(cfg: dict, out: str | Path, workers: int = 1, threads: int = 1, plot: 
         data["table"] = table(data)
         save_results(out, data)
 
+    import queue
+
+    done: queue.Queue = queue.Queue()
+    pool = None
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(workers, maxtasksperchild=1) as pool:
-            for result in pool.imap_unordered(_work, todo):
+        pool = mp.get_context("fork").Pool(workers, maxtasksperchild=1)
+    waiting, running = list(todo), set()
+    try:
+        while waiting or running:
+            for item in list(waiting):  # start what can start, in run order
+                if len(running) >= max(workers, 1):
+                    break
+                _, pattern, seq_len, kv, d = item[:5]
+                key = cell_key(pattern, seq_len, kv, d)
+                if cfg.get("skip_solved_widths"):
+                    smaller = {cell_key(pattern, seq_len, kv, x) for x in cfg["d_models"] if x < d}
+                    if smaller & (running | {cell_key(*w[1:5]) for w in waiting}):
+                        continue  # decided once the smaller widths of this mixer and length are in
+                    at = solved_at(data, pattern, seq_len, kv, d)
+                    if at is not None:
+                        waiting.remove(item)
+                        data["solved_below"][key] = at
+                        if verbose:
+                            print(f"{key}: not run, reached the target at d={at}", flush=True)
+                        continue
+                waiting.remove(item)
+                running.add(key)
+                if pool is None:
+                    done.put(_work(item))
+                else:
+                    pool.apply_async(_work, (item,), callback=done.put)
+            if running:
+                result = done.get()
+                running.discard(result[0])
                 record(result)
-    else:
-        for item in todo:
-            record(_work(item))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     data["table"] = table(data)
     save_results(out, data)
     if plot:
@@ -270,7 +323,8 @@ def table(data: dict) -> dict:
 
 
 def markdown_table(data: dict) -> str:
-    """Best test accuracy (%) per mixer and length (rows) and width (columns); '—' = not run."""
+    """Best test accuracy (%) per mixer and length (rows) and width (columns); '—' = not run, '✓' = not
+    run because the mixer reached the target accuracy at a smaller width for that length."""
     cfg = data["config"]
     ds = [str(d) for d in cfg["d_models"]]
     lines = ["| mixer | L / KV pairs | " + " | ".join(f"d={d}" for d in ds) + " |", "|---|---|" + "---|" * len(ds)]
@@ -278,9 +332,11 @@ def markdown_table(data: dict) -> str:
     for pattern in cfg["mixers"]:
         for L, kv in cfg["lengths"]:
             row = tab.get(pattern, {}).get(f"L{L}/kv{kv}", {})
+            solved = data.get("solved_below", {})
             vals = [row.get(d) for d in ds]
-            lines.append(f"| {pattern} | {L} / {kv} | " + " | ".join("—" if v is None else f"{100 * v:.1f}" for v in vals)
-                         + " |")
+            marks = ["✓" if cell_key(pattern, L, kv, int(d)) in solved else "—" for d in ds]
+            lines.append(f"| {pattern} | {L} / {kv} | "
+                         + " | ".join(m if v is None else f"{100 * v:.1f}" for v, m in zip(vals, marks)) + " |")
     return "\n".join(lines)
 
 
@@ -304,6 +360,10 @@ def plot_sweep(data: dict, path) -> None:
             if ds:
                 ax.plot(ds, [row[str(d)] for d in ds], marker=markers[i % len(markers)], color=colors[i % len(colors)],
                         alpha=0.8, ms=7 - i, label=pattern)
+            solved = [d for d in ds_all if cell_key(pattern, L, kv, d) in data.get("solved_below", {})]
+            if solved:  # not run: solved at a smaller width; hollow markers at the target, no line
+                ax.plot(solved, [cfg["target_accuracy"]] * len(solved), linestyle="none", marker=markers[i % len(markers)],
+                        mfc="none", color=colors[i % len(colors)], alpha=0.8, ms=7 - i)
         ax.set_xscale("log", base=2)
         ax.set_xlim(min(ds_all) / 1.3, max(ds_all) * 1.3)
         ax.set_xticks(ds_all, [str(d) for d in ds_all])
@@ -312,6 +372,8 @@ def plot_sweep(data: dict, path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR test accuracy")
+    if data.get("solved_below"):
+        fig.text(0.01, 0.01, "hollow: not run, the mixer reached the target at a smaller width", fontsize=7)
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes[0][1:]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
