@@ -73,6 +73,7 @@ def run(ns) -> dict:
     import torch
 
     from eval import ar_slice
+    from tokenization import bigrams
     from eval.hook import ArSliceHook
     from neox_zoology.config import load
     from neox_zoology.model.gpt import token_nll
@@ -88,7 +89,7 @@ def run(ns) -> dict:
     V = ns.vocab_size
     keys = np.unique(rng.integers(0, V * V, size=ns.table_size))
     counts_path = tmp / "bigrams.npz"
-    ar_slice.save_bigram_counts(counts_path, keys, rng.integers(1, 5000, size=len(keys)), V)
+    bigrams.save_bigram_counts(counts_path, bigrams.BigramCounts.from_arrays(keys, rng.integers(1, 5000, size=len(keys)), V))
     sets = [f"vocab_size={V}", "vocab_file=null", "merge_file=null", "tensorboard_dir=null", f"save={tmp}",
             "pipe_parallel_size=0", "model_parallel_size=1",
             f"ar_eval={{enabled: true, bigram_counts: {counts_path}, iters: {ns.iters}}}"]

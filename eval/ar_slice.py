@@ -17,6 +17,10 @@ a the attention reference:
 
 and, as in the paper, 100% when m beats attention both overall and on AR hits.
 
+Training counts come from `python -m tokenization.bigrams` (its counts file: the evaluation data's bigrams
+and how often each occurred in the training data; `load_bigram_counts` below adds the run's checks). A bigram
+the file does not hold counts as never seen in training and is reported in `bigrams_not_in_counts`.
+
 Standalone: `python -m eval.ar_slice CONFIG... --load CKPT [--iteration N] --out results.json`
 (under `deepspeed` for TP/PP checkpoints).
 """
@@ -30,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tokenization import bigrams
+from tokenization.bigrams import BigramCounts
+
 DEFAULT_THRESHOLD = 1250
 FREQ_BUCKETS = 41  # 0: never seen in training; k >= 1: counts in [2^(k-1), 2^k)
 DIST_BUCKETS = 32  # k: distance in [2^k, 2^(k+1))
@@ -42,171 +49,46 @@ class ARSliceError(ValueError):
 
 # ----------------------------------------------------------------------------- bigram training counts
 
-
-@dataclass
-class BigramCounts:
-    """Training-set bigram counts: `keys` = a * vocab_size + b (sorted, unique), `counts` aligned."""
-
-    keys: np.ndarray
-    counts: np.ndarray
-    vocab_size: int
-    tokenizer: str = ""
-    train_tokens: int = 0
-    path: str = ""
-    keys_cover: str = "training"
-    """'training': keys are every training bigram (absent = never seen); 'evaluation': keys are the
-    bigrams of the data the counts were made for (absent = that data was not this evaluation's)."""
-
-    def lookup(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Training count of each bigram (a[i], b[i]) (0 when never seen)."""
-        return self.lookup_keys(np.asarray(a, dtype=np.int64) * self.vocab_size + np.asarray(b, dtype=np.int64))
-
-    def lookup_keys(self, keys: np.ndarray) -> np.ndarray:
-        return self.lookup_known(keys)[0]
-
-    def lookup_known(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(training counts, whether each key is in the table); absent keys count 0."""
-        keys = np.asarray(keys, dtype=np.int64)
-        if len(self.keys) == 0:
-            return np.zeros(keys.shape, dtype=np.int64), np.zeros(keys.shape, dtype=bool)
-        idx = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        known = self.keys[idx] == keys
-        return np.where(known, self.counts[idx], 0), known
-
-
-def _as_str(value) -> str:
-    value = value.item() if isinstance(value, np.ndarray) and value.shape == () else value
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
-
-
-def tokenizer_identity(tokenizer) -> str:
-    """What a bigram-count file records about its tokenizer: class name and the tokenizer files' names.
-
-    File names, not absolute paths: counts built on one machine stay valid on another.
-    """
-    ids = dict(getattr(tokenizer, "unique_identifiers", {}) or {})
-    parts = [str(ids.pop("class", type(tokenizer).__name__))]
-    parts += [f"{k}={Path(v).name}" for k, v in sorted(ids.items())]
-    return ";".join(parts)
-
-
-def _same_tokenizer(stored: str, expected: str) -> bool:
-    # a file without an identity can be checked only by its vocabulary size
-    return not stored or not expected or stored == expected
-
-
-def _check_identity(stored: str, expected, path, key) -> None:
-    want = expected if isinstance(expected, str) else tokenizer_identity(expected)
-    if not _same_tokenizer(stored, want):
-        raise ARSliceError(
-            f"{key}: {path} was counted with tokenizer {stored!r}, this run uses {want!r}; rebuild the "
-            f"counts with this run's tokenizer"
-        )
+_BUILD = "python -m tokenization.bigrams"
 
 
 def load_bigram_counts(path, expected_vocab_size: int | None = None, expected_tokenizer=None,
                        key: str = "ar_eval.bigram_counts") -> BigramCounts:
-    """Read a bigram-count .npz and check it fits the run (vocabulary size, tokenizer).
+    """Read the counts file of `python -m tokenization.bigrams` and check it fits the run.
 
-    Two layouts are read: the counts files of `python -m tokenization.bigrams` (a `format` field; keys
-    are the evaluation data's bigrams, their training counts alongside; checked by that module) and the
-    plain layout `save_bigram_counts` writes (keys, counts, vocab_size, tokenizer, train_tokens).
-    `expected_tokenizer` is a Tokenizer object or an identity string.
+    tokenization.bigrams.load_bigram_counts reads and checks the file itself; this adds the run's
+    checks, phrased for the config key `key`: the vocabulary size of the model's tokenizer
+    (`expected_vocab_size`, not the padded embedding size) and its identity (`expected_tokenizer`: a
+    Tokenizer, whose files are hashed, an identity dict or a tokenizer_id string).
     """
-    path = Path(path) if path else None
-    if path is None or not path.exists():
+    if not path or not Path(path).exists():
         raise ARSliceError(
-            f"{key}: bigram-count file {str(path) if path else '(not set)'} not found; build it from the training "
-            f"data with the same tokenizer (python -m tokenization.bigrams) and set {key} to its path"
+            f"{key}: bigram-count file {path if path else '(not set)'} not found; build it from the training "
+            f"data with the same tokenizer ({_BUILD}) and set {key} to its path"
         )
     try:
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            if "format" in files:
-                return _load_counted_file(path, expected_vocab_size, expected_tokenizer, key)
-            missing = [k for k in ("keys", "counts", "vocab_size") if k not in files]
-            if missing:
-                raise ARSliceError(f"{key}: {path} is not a bigram-count file (missing {', '.join(missing)}); "
-                                   f"rebuild it with python -m tokenization.bigrams")
-            keys = np.asarray(z["keys"], dtype=np.int64)
-            counts = np.asarray(z["counts"], dtype=np.int64)
-            vocab = int(z["vocab_size"])
-            tok = _as_str(z["tokenizer"]) if "tokenizer" in files else ""
-            train_tokens = int(z["train_tokens"]) if "train_tokens" in files else 0
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, ARSliceError):
-            raise
-        raise ARSliceError(f"{key}: {path} could not be read as .npz ({exc}); rebuild it with "
-                           f"python -m tokenization.bigrams") from None
-    if keys.shape != counts.shape or keys.ndim != 1:
-        raise ARSliceError(f"{key}: {path}: keys {keys.shape} and counts {counts.shape} differ in shape; rebuild it")
-    if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
-        raise ARSliceError(f"{key}: {path}: keys are not sorted and unique; rebuild it with python -m tokenization.bigrams")
-    if expected_vocab_size is not None and vocab != int(expected_vocab_size):
-        raise ARSliceError(
-            f"{key}: {path} counts bigrams over a vocabulary of {vocab} tokens but the model's tokenizer has "
-            f"{expected_vocab_size}; rebuild the counts with this run's tokenizer"
-        )
-    if expected_tokenizer is not None:
-        _check_identity(tok, expected_tokenizer, path, key)
-    return BigramCounts(keys, counts, vocab, tok, train_tokens, str(path))
-
-
-def _load_counted_file(path, expected_vocab_size, expected_tokenizer, key) -> BigramCounts:
-    """A file of tokenization.bigrams: its own loader checks format, vocabulary and tokenizer."""
-    from tokenization import bigrams
-
-    try:
-        c = bigrams.load_bigram_counts(path, expected_vocab_size=expected_vocab_size,
-                                       expected_tokenizer=expected_tokenizer)
+        counts = bigrams.load_bigram_counts(path)
     except bigrams.BigramCountsError as exc:
         raise ARSliceError(f"{key}: {exc}") from None
-    return BigramCounts(np.asarray(c.keys, dtype=np.int64), np.asarray(c.counts, dtype=np.int64), int(c.vocab_size),
-                        c.tokenizer_id, int(c.train_tokens), str(path), keys_cover="evaluation")
-
-
-def save_bigram_counts(path, keys, counts, vocab_size: int, tokenizer: str = "", train_tokens: int = 0) -> None:
-    """Write the .npz format `load_bigram_counts` reads (used by tests and small tools)."""
-    keys = np.asarray(keys, dtype=np.int64)
-    order = np.argsort(keys)
-    np.savez(path, keys=keys[order], counts=np.asarray(counts, dtype=np.int64)[order], vocab_size=np.int64(vocab_size),
-             tokenizer=np.str_(tokenizer), train_tokens=np.int64(train_tokens))
-
-
-def count_bigrams(sequences, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bigram counts (keys, counts) over token sequences (each a 1-d int array)."""
-    keys = [np.asarray(s[:-1], dtype=np.int64) * vocab_size + np.asarray(s[1:], dtype=np.int64) for s in sequences]
-    keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
-    uniq, cnt = np.unique(keys, return_counts=True)
-    return uniq, cnt.astype(np.int64)
-
-
-def count_training_bigrams(data_prefix: str, split: str, vocab_size: int, tokenizer_id: str, out) -> Path:
-    """Bigram counts of the training part of a .bin/.idx prefix (documents [0, round(train_fraction * n)),
-    megatron-core's split rule), written as a bigram-count file. For demos and tests; the project's
-    counting tool for large corpora is tokenization/bigrams.py."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    docs = IndexedDataset(data_prefix, mmap=True)
-    train = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[0]
-    n = len(docs)
-    lo, hi = int(round(train[0] * n)), int(round(train[1] * n))
-    seqs = [np.asarray(docs[i], dtype=np.int64) for i in range(lo, hi)]
-    keys, counts = count_bigrams(seqs, vocab_size)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.npz")
-    save_bigram_counts(tmp, keys, counts, vocab_size, tokenizer=tokenizer_id, train_tokens=int(sum(len(q) for q in seqs)))
-    os.replace(tmp, out)
-    return out
+    if expected_vocab_size is not None and counts.vocab_size != int(expected_vocab_size):
+        raise ARSliceError(
+            f"{key}: {path} counts bigrams over a vocabulary of {counts.vocab_size} tokens but the model's "
+            f"tokenizer has {expected_vocab_size}; rebuild the counts with this run's tokenizer ({_BUILD}; the "
+            f"file was counted with {counts.tokenizer_id})"
+        )
+    if expected_tokenizer is not None:
+        if isinstance(expected_tokenizer, str):
+            same, want = expected_tokenizer == counts.tokenizer_id, expected_tokenizer
+        else:
+            identity = bigrams.as_identity(expected_tokenizer)
+            same, want = bigrams.same_tokenizer(counts.tokenizer, identity), bigrams.identity_id(identity)
+        if not same:
+            raise ARSliceError(
+                f"{key}: {path} was counted with tokenizer {counts.tokenizer_id!r} (files "
+                f"{counts.tokenizer['files']}), this run uses {want!r}; rebuild the counts with this run's "
+                f"tokenizer ({_BUILD})"
+            )
+    return counts
 
 
 # ----------------------------------------------------------------------------- masks
@@ -258,7 +140,7 @@ def token_slices(tokens: np.ndarray, labels: np.ndarray, counts: BigramCounts,
     keys = tokens * V + labels
     prev = previous_occurrence(keys)
     repeated = prev >= 0
-    train, known = counts.lookup_known(keys)
+    train, known = bigrams.lookup_keys(counts, keys)
     hit = repeated & (train <= threshold)
     pos = np.arange(keys.shape[1])[None, :]
     distance = np.where(repeated, pos - prev, 0)
@@ -430,7 +312,7 @@ def format_summary(doc: dict) -> str:
         f"  perplexity all {ppl(doc['all'])} | AR hits {ppl(doc['ar_hits'])} | other {ppl(doc['other'])}"
         f" | AR-hit fraction {100 * (doc['ar_hit_fraction'] or 0):.2f}%",
     ]
-    if doc.get("bigrams_not_in_counts") and doc.get("counts_cover") == "evaluation":
+    if doc.get("bigrams_not_in_counts"):
         lines.append(f"  warning: {doc['bigrams_not_in_counts']:,} tokens' bigrams are not in the counts file, which "
                      f"was made for other evaluation data (counted as never seen in training); count again with "
                      f"python -m tokenization.bigrams --eval-prefix <this validation data>")

@@ -113,8 +113,7 @@ class ArSliceHook:
         sums = self._all_reduce(sums)
         doc = ar_slice.summarize(
             sums, self.cfg["threshold"], iteration=iteration, checkpoint=checkpoint_dir, batches=batches,
-            truncated=truncated, bigram_counts=str(self.cfg["bigram_counts"]), counts_cover=self.counts.keys_cover,
-            layer_types=list(self.args.layer_types),
+            truncated=truncated, bigram_counts=str(self.cfg["bigram_counts"]), layer_types=list(self.args.layer_types),
         )
         if self.reference is not None:
             doc["reference"] = str(self.cfg["reference"])

@@ -2,7 +2,8 @@
 
 Prints the first and last training loss, the checkpoint path, the throughput and the wall time, and
 ends with the AR-slice summary of the final checkpoint: the training bigram counts of the demo corpus
-are built first (data/demo/bigrams_train.npz), the after-checkpoint evaluation is switched on with
+are built first (data/demo/bigrams_train.npz, by tokenization.bigrams over the training documents of the
+config's split), the after-checkpoint evaluation is switched on with
 `--set ar_eval=...`, and when the checkpoint has no ar_slice.json the standalone evaluation
 (`python -m eval.ar_slice`) computes it.
 """
@@ -66,9 +67,13 @@ def main(argv=None) -> int:
 
 
 def _demo_bigram_counts(config: str) -> str | None:
-    """The demo corpus's training bigram counts (built once, beside the data)."""
+    """The AR slice's bigram counts for the demo corpus (data/demo/bigrams_train.npz), made when missing or
+    made for other data: `python -m tokenization.bigrams` over the training documents of the config's
+    `split`, for the bigrams of its validation documents (the ones the evaluation scores)."""
     from eval import ar_slice
     from neox_zoology.config import ConfigError, load
+    from tokenization import bigrams
+    from tokenization.preprocess import tokenizer_identity
     from tokenization.tokenizer import build_tokenizer
 
     try:
@@ -80,12 +85,33 @@ def _demo_bigram_counts(config: str) -> str | None:
     if not args.data_path:
         return None
     out = Path(args.data_path).parent / "bigrams_train.npz"
-    ident = ar_slice.tokenizer_identity(tok)
+    identity = tokenizer_identity(tok)
     try:
-        ar_slice.load_bigram_counts(out, expected_vocab_size=tok.vocab_size, expected_tokenizer=ident)
-    except ar_slice.ARSliceError:  # missing or from another build of the corpus
-        ar_slice.count_training_bigrams(args.data_path, args.split, tok.vocab_size, ident, out)
+        train, valid, _ = bigrams.split_documents(args.data_path, args.split)
+        if train is None or valid is None:
+            raise bigrams.BigramCountsError(f"split {args.split!r} leaves no training or no validation documents")
+        if not _counts_are_for(out, identity, [train], [valid]):
+            counts = bigrams.count_bigrams([train], [valid], tokenizer=identity)
+            bigrams.save_bigram_counts(out, counts)
+    except (bigrams.BigramCountsError, ar_slice.ARSliceError) as exc:
+        print(f"AR-slice evaluation skipped: {exc}", file=sys.stderr)
+        return None
     return str(out)
+
+
+def _counts_are_for(path: Path, identity: dict, train: list, valid: list) -> bool:
+    """Whether the counts file at `path` was made with this tokenizer for exactly these documents as they are now."""
+    from eval import ar_slice
+    from tokenization import bigrams
+
+    try:
+        counts = ar_slice.load_bigram_counts(path, expected_vocab_size=identity["vocab_size"],
+                                             expected_tokenizer=identity)
+    except ar_slice.ARSliceError:  # missing, or counted with another tokenizer
+        return False
+    return (counts.train_parts == train and counts.eval_parts == valid and counts.max_train_tokens is None
+            and counts.train_tokens == sum(bigrams.dataset_info(d).tokens for d in train)
+            and counts.eval_tokens == sum(bigrams.dataset_info(d).tokens for d in valid))
 
 
 def _ar_slice_summary(ckpt: Path, bigrams: str, env: dict) -> int:

@@ -12,21 +12,26 @@ from conftest import ROOT
 from dist import run_ranks
 from eval import ar_slice
 from neox_zoology.config import build_args
+from tokenization import bigrams
 
 
 @pytest.fixture(scope="module")
 def bigram_file(tiny_corpus, tmp_path_factory):
-    """Training bigram counts of the tiny corpus, in the bigram-count file format."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    """The AR slice's counts for the tiny corpus as the runs below split it ("90,10,0"): counted by
+    tokenization.bigrams over the training documents, for the bigrams of the validation documents."""
+    from tokenization.preprocess import tokenizer_identity
     from tokenization.tokenizer import build_tokenizer
 
     tok = build_tokenizer("SPMTokenizer", tiny_corpus["tokenizer"], None)
-    docs = IndexedDataset(tiny_corpus["data_prefix"], mmap=True)
-    keys, counts = ar_slice.count_bigrams([np.asarray(docs[i]) for i in range(len(docs))], tok.vocab_size)
+    train, valid, _ = bigrams.split_documents(tiny_corpus["data_prefix"], "90,10,0")
     path = tmp_path_factory.mktemp("bigrams") / "bigrams.npz"
-    ar_slice.save_bigram_counts(path, keys, counts, tok.vocab_size, tokenizer=ar_slice.tokenizer_identity(tok),
-                                train_tokens=int(sum(len(docs[i]) for i in range(len(docs)))))
+    bigrams.save_bigram_counts(path, bigrams.count_bigrams([train], [valid], tokenizer=tokenizer_identity(tok)))
+    return str(path)
+
+
+def counts_file(path, vocab_size: int) -> str:
+    """A counts file of one bigram, (0, 1), over a vocabulary of `vocab_size` tokens."""
+    bigrams.save_bigram_counts(path, bigrams.BigramCounts.from_arrays([1], [1], vocab_size))
     return str(path)
 
 
@@ -126,8 +131,7 @@ def test_hook_under_tp_pp_dp_equals_tp1(tiny_raw, bigram_file, tmp_path, layout)
 
 
 def test_a_failing_hook_is_logged_and_training_goes_on_unless_strict(tiny_raw, tmp_path, capfd):
-    wrong = tmp_path / "wrong_vocab.npz"
-    ar_slice.save_bigram_counts(wrong, [1], [1], vocab_size=1000)
+    wrong = counts_file(tmp_path / "wrong_vocab.npz", vocab_size=1000)
     raw = tiny_raw(save=str(tmp_path / "ckpt"), ar_eval={"enabled": True, "bigram_counts": str(wrong), "iters": 1})
     doc, vloss, ckpt = run_ranks(_hook_after_save, 1, raw, 1)[0]
     assert doc is None and vloss > 0 and not (Path(ckpt) / "ar_slice.json").exists()
@@ -236,8 +240,7 @@ def test_benchmark_reports_the_hook_cost_against_a_plain_validation_pass(tmp_pat
 
 
 def test_a_failure_on_the_last_pipeline_stage_does_not_hang_the_other_stage(tiny_raw, tmp_path, capfd):
-    small = tmp_path / "small_vocab.npz"  # token ids >= 100 are outside this file's vocabulary
-    ar_slice.save_bigram_counts(small, [1], [1], vocab_size=100)
+    small = counts_file(tmp_path / "small_vocab.npz", vocab_size=100)  # token ids >= 100 are outside it
     raw = tiny_raw(save=str(tmp_path / "ckpt"), pipe_parallel_size=2,
                    ar_eval={"enabled": True, "bigram_counts": str(small), "iters": 2})
     results = run_ranks(_hook_after_save_unchecked_vocab, 2, raw, 2, timeout=120)

@@ -1,19 +1,24 @@
 """AR-slice masks, sums, gap attribution, the bigram-count file and the ar_eval config section."""
+import json
 import math
+import shutil
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from eval import ar_slice
-from eval.ar_slice import ARSliceError, BigramCounts, SliceSums, token_slices
+from eval.ar_slice import ARSliceError, SliceSums, token_slices
+from tokenization import bigrams
+from tokenization.bigrams import BigramCounts
 
 V = 50
 
 
 def counts_of(pairs: dict, vocab=V) -> BigramCounts:
-    keys = np.array([a * vocab + b for a, b in pairs], dtype=np.int64)
-    order = np.argsort(keys)
-    return BigramCounts(keys[order], np.array(list(pairs.values()), dtype=np.int64)[order], vocab)
+    keys = [a * vocab + b for a, b in pairs]
+    return BigramCounts.from_arrays(keys, list(pairs.values()), vocab)
 
 
 def split(seq):
@@ -27,7 +32,7 @@ def reference_slices(seq, counts: BigramCounts, threshold):
     for t in range(len(seq) - 1):
         bigram = (seq[t], seq[t + 1])
         earlier = [j for j in range(t) if (seq[j], seq[j + 1]) == bigram]
-        c = int(counts.lookup(np.array([bigram[0]]), np.array([bigram[1]]))[0])
+        c = int(counts.lookup(np.array([bigram[0]]), np.array([bigram[1]]), missing=0)[0])
         hits.append(bool(earlier) and c <= threshold)
         dist.append(t - earlier[-1] if earlier else 0)
     return np.array(hits), np.array(dist)
@@ -144,27 +149,42 @@ def test_gap_attribution_sign_conventions():
 # ----------------------------------------------------------------------------- the bigram-count file
 
 
+SPM = {"type": "SPMTokenizer", "vocab_size": 10, "eod": 1, "files": {"vocab_file": "sha256:aa"}}
+GPT2 = {"type": "GPT2BPETokenizer", "vocab_size": 10, "eod": 9,
+        "files": {"merge_file": "sha256:cc", "vocab_file": "sha256:dd"}}
+
+
+def save_counts(path, pairs: dict, vocab=10, tokenizer=None):
+    keys = [a * vocab + b for a, b in pairs]
+    bigrams.save_bigram_counts(path, BigramCounts.from_arrays(keys, list(pairs.values()), vocab, tokenizer))
+    return path
+
+
 def test_load_bigram_counts_round_trip_and_lookup(tmp_path):
-    path = tmp_path / "bigrams.npz"
-    keys, cnt = ar_slice.count_bigrams([np.array([1, 2, 1, 2, 3]), np.array([2, 3])], vocab_size=10)
-    ar_slice.save_bigram_counts(path, keys, cnt, 10, tokenizer="SPMTokenizer;vocab_file=spm.model", train_tokens=7)
-    c = ar_slice.load_bigram_counts(path, expected_vocab_size=10, expected_tokenizer="SPMTokenizer;vocab_file=spm.model")
-    assert c.lookup(np.array([1, 2, 2, 3]), np.array([2, 1, 3, 1])).tolist() == [2, 1, 2, 0]
-    assert c.train_tokens == 7
+    path = save_counts(tmp_path / "bigrams.npz", {(1, 2): 2, (2, 1): 1, (2, 3): 2}, tokenizer=SPM)
+    for expected in (SPM, bigrams.identity_id(SPM), None):
+        c = ar_slice.load_bigram_counts(path, expected_vocab_size=10, expected_tokenizer=expected)
+        assert c.lookup(np.array([1, 2, 2, 3]), np.array([2, 1, 3, 1]), missing=0).tolist() == [2, 1, 2, 0]
+        assert isinstance(c, BigramCounts) and c.path == str(path)
 
 
 def test_missing_bigram_file_is_a_clear_error(tmp_path):
     with pytest.raises(ARSliceError, match=r"ar_eval.bigram_counts: bigram-count file .*nope.npz not found; build it"):
         ar_slice.load_bigram_counts(tmp_path / "nope.npz")
+    with pytest.raises(ARSliceError, match=r"ar_eval.bigram_counts: bigram-count file \(not set\) not found"):
+        ar_slice.load_bigram_counts(None)
 
 
 def test_mismatched_vocab_or_tokenizer_is_a_clear_error(tmp_path):
-    path = tmp_path / "bigrams.npz"
-    ar_slice.save_bigram_counts(path, [12], [3], 10, tokenizer="GPT2BPETokenizer;merge_file=merges.txt;vocab_file=vocab.json")
-    with pytest.raises(ARSliceError, match=r"vocabulary of 10 tokens but the model's tokenizer has 512; rebuild"):
+    path = save_counts(tmp_path / "bigrams.npz", {(1, 2): 3}, tokenizer=GPT2)
+    with pytest.raises(ARSliceError, match=r"vocabulary of 10 tokens but the model's tokenizer has 512; rebuild the "
+                                           r"counts with this run's tokenizer \(python -m tokenization.bigrams"):
         ar_slice.load_bigram_counts(path, expected_vocab_size=512)
-    with pytest.raises(ARSliceError, match=r"counted with tokenizer 'GPT2BPETokenizer.*this run uses 'SPMTokenizer"):
-        ar_slice.load_bigram_counts(path, expected_tokenizer="SPMTokenizer;vocab_file=spm.model")
+    with pytest.raises(ARSliceError,
+                       match=r"counted with tokenizer 'GPT2BPETokenizer:\w+' .* this run uses 'SPMTokenizer:"):
+        ar_slice.load_bigram_counts(path, expected_tokenizer=SPM)
+    with pytest.raises(ARSliceError, match=r"this run uses 'SPMTokenizer:0123'"):
+        ar_slice.load_bigram_counts(path, expected_tokenizer="SPMTokenizer:0123")
     counts = ar_slice.load_bigram_counts(path)
     with pytest.raises(ARSliceError, match=r"token id 11 is outside the 10-token vocabulary"):
         token_slices(np.array([[1, 2]]), np.array([[2, 11]]), counts)
@@ -173,10 +193,19 @@ def test_mismatched_vocab_or_tokenizer_is_a_clear_error(tmp_path):
 def test_not_a_bigram_file_is_a_clear_error(tmp_path):
     path = tmp_path / "other.npz"
     np.savez(path, inputs=np.zeros(3))
-    with pytest.raises(ARSliceError, match=r"is not a bigram-count file \(missing keys, counts, vocab_size\)"):
+    with pytest.raises(ARSliceError, match=r"^ar_eval.bigram_counts: .*other.npz lacks format, keys, counts.*: not a "
+                                           r"neox_zoology.bigram_counts/1 file; count again with python -m "
+                                           r"tokenization.bigrams"):
         ar_slice.load_bigram_counts(path)
-    np.savez(path, keys=np.array([5, 3]), counts=np.array([1, 1]), vocab_size=10)
-    with pytest.raises(ARSliceError, match="not sorted"):
+    # the plain layout of keys and counts over every training bigram is not read (one format)
+    np.savez(path, keys=np.array([3, 5]), counts=np.array([1, 1]), vocab_size=10, tokenizer="SPMTokenizer",
+             train_tokens=7)
+    with pytest.raises(ARSliceError, match=r"lacks format, eval_counts"):
+        ar_slice.load_bigram_counts(path)
+    c = BigramCounts.from_arrays([3, 5], [1, 1], 10)
+    c.keys = c.keys[::-1].copy()
+    bigrams.save_bigram_counts(path, c)
+    with pytest.raises(ARSliceError, match="keys are not sorted distinct bigrams"):
         ar_slice.load_bigram_counts(path)
 
 
@@ -197,13 +226,12 @@ def test_ar_eval_config_defaults_and_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"ar_eval.iters: 0; use a positive integer"):
         build_args({"ar_eval": {"iters": 0}}, world_size=1)
     f = tmp_path / "b.npz"
-    ar_slice.save_bigram_counts(f, [1], [1], 100)
+    bigrams.save_bigram_counts(f, BigramCounts.from_arrays([1], [1], 100))
     args = build_args({"ar_eval": {"enabled": True, "bigram-counts": str(f), "iters": 3}}, world_size=1)
     assert args.ar_eval["bigram_counts"] == str(f) and args.ar_eval["iters"] == 3 and args.ar_eval["strict"] is False
 
 
 def test_counts_files_of_tokenization_bigrams_are_read_and_checked(tmp_path):
-    bigrams = pytest.importorskip("tokenization.bigrams")
     ident = {"type": "SPMTokenizer", "vocab_size": 10, "eod": 1, "files": {"spm.model": "sha256:aa"}}
     other = {**ident, "files": {"spm.model": "sha256:bb"}}
     keys = np.array([1 * 10 + 2, 2 * 10 + 3], dtype=np.int64)  # the evaluation data's bigrams (1,2) and (2,3)
@@ -214,16 +242,83 @@ def test_counts_files_of_tokenization_bigrams_are_read_and_checked(tmp_path):
     path = tmp_path / "counts.npz"
     bigrams.save_bigram_counts(path, c)
     counts = ar_slice.load_bigram_counts(path, expected_vocab_size=10, expected_tokenizer=ident)
-    assert counts.keys_cover == "evaluation"
     s = token_slices(np.array([[1, 2, 1, 2, 7]]), np.array([[2, 1, 2, 3, 7]]), counts, threshold=1250)
     # (1,2) repeats with 0 training occurrences -> hit; (2,3) and (7,7) are first occurrences
     assert s.ar_hit[0].tolist() == [False, False, True, False, False]
+    assert s.train_count[0].tolist() == [0, 0, 0, 5000, 0] and s.known[0].tolist() == [True, False, True, True, False]
     sums = SliceSums()
     sums.add(np.ones((1, 5)), s)
-    doc = ar_slice.summarize(sums) | {"counts_cover": counts.keys_cover}
+    doc = ar_slice.summarize(sums)
     assert doc["bigrams_not_in_counts"] == 2  # (2,1) and (7,7) were not in the counted evaluation data
     assert "not in the counts file" in ar_slice.format_summary(doc)
-    with pytest.raises(ARSliceError, match=r"^ar_eval.bigram_counts: .*counted on data tokenized by SPMTokenizer:"):
+    sums = SliceSums()
+    sums.add(np.ones((1, 5)), s, loss_mask=np.array([[1, 0, 1, 1, 0]]))
+    assert "not in the counts file" not in ar_slice.format_summary(ar_slice.summarize(sums))
+    with pytest.raises(ARSliceError, match=r"^ar_eval.bigram_counts: .*counted with tokenizer 'SPMTokenizer:"):
         ar_slice.load_bigram_counts(path, expected_tokenizer=other)
-    with pytest.raises(ARSliceError, match=r"^ar_eval.bigram_counts: .*10-token vocabulary .* vocab_size 512 was expected"):
+    with pytest.raises(ARSliceError, match=r"^ar_eval.bigram_counts: .*vocabulary of 10 tokens but the model's "
+                                           r"tokenizer has 512"):
         ar_slice.load_bigram_counts(path, expected_vocab_size=512)
+
+
+def copy_corpus(tiny_corpus, folder: Path) -> tuple[str, str]:
+    """The tiny corpus's dataset (with its tokenizer record) and tokenizer, in a folder of its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(tiny_corpus["data_prefix"])
+    for suffix in (".bin", ".idx", ".json"):
+        shutil.copy(str(src) + suffix, folder / (src.name + suffix))
+    shutil.copy(tiny_corpus["tokenizer"], folder / "spm.model")
+    return str(folder / src.name), str(folder / "spm.model")
+
+
+def test_counts_written_by_the_command_line_load_in_the_ar_slice_evaluation(tiny_corpus, tmp_path, capsys):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from tokenization.tokenizer import build_tokenizer
+
+    prefix, spm = copy_corpus(tiny_corpus, tmp_path / "data")
+    out = tmp_path / "bigrams.npz"
+    bigrams.main(["--train-prefix", prefix, "--split", "90,10,0", "--out", str(out), "--no-progress"])
+    assert "distinct evaluation bigrams" in capsys.readouterr().out
+    tok = build_tokenizer("SPMTokenizer", spm, None)
+    counts = ar_slice.load_bigram_counts(out, expected_vocab_size=tok.vocab_size, expected_tokenizer=tok)
+
+    docs = IndexedDataset(prefix, mmap=True)
+    train, valid, _ = bigrams.split_documents(prefix, "90,10,0")
+    train_tokens = [t for i in range(train.start, train.stop) for t in docs[i].tolist()]
+    valid_tokens = np.concatenate([docs[i] for i in range(valid.start, valid.stop)]).astype(np.int64)
+    reference = Counter(zip(train_tokens, train_tokens[1:]))
+    # the evaluation's view of the validation tokens: every bigram is known, with its training count
+    s = token_slices(valid_tokens[None, :-1], valid_tokens[None, 1:], counts, threshold=3)
+    assert s.known.all()
+    pairs = zip(valid_tokens[:-1].tolist(), valid_tokens[1:].tolist())
+    assert s.train_count[0].tolist() == [reference[pair] for pair in pairs]
+    assert s.ar_hit.any() and (s.train_count[s.ar_hit] <= 3).all()
+    # another tokenizer is refused with the evaluation's message
+    with pytest.raises(ARSliceError, match=r"counted with tokenizer 'SPMTokenizer:\w+' .* this run uses 'Other:"):
+        ar_slice.load_bigram_counts(out, expected_tokenizer={**counts.tokenizer, "type": "Other"})
+
+
+def test_demo_counts_the_training_documents_of_its_split_once(tiny_corpus, tiny_raw, tmp_path):
+    from neox_zoology import demo
+    from tokenization.tokenizer import build_tokenizer
+
+    prefix, spm = copy_corpus(tiny_corpus, tmp_path / "data")
+    config = tmp_path / "demo.yml"
+    config.write_text(json.dumps(tiny_raw(data_path=prefix, vocab_file=spm, split="80,20,0")))
+    path = demo._demo_bigram_counts(str(config))
+    assert path == str(tmp_path / "data" / "bigrams_train.npz")
+    train, valid, _ = bigrams.split_documents(prefix, "80,20,0")
+    tok = build_tokenizer("SPMTokenizer", spm, None)
+    counts = ar_slice.load_bigram_counts(path, expected_vocab_size=tok.vocab_size, expected_tokenizer=tok)
+    assert counts.train_parts == [train] and counts.eval_parts == [valid] and valid.start == train.stop > 0
+    expected = bigrams.count_bigrams([train], [valid])
+    assert np.array_equal(counts.keys, expected.keys) and np.array_equal(counts.counts, expected.counts)
+    assert counts.train_tokens == bigrams.dataset_info(train).tokens < bigrams.dataset_info(prefix).tokens
+
+    made = Path(path).stat().st_mtime_ns
+    assert demo._demo_bigram_counts(str(config)) == path and Path(path).stat().st_mtime_ns == made  # kept
+    config.write_text(json.dumps(tiny_raw(data_path=prefix, vocab_file=spm, split="90,10,0")))
+    assert demo._demo_bigram_counts(str(config)) == path  # another split: counted again
+    train, valid, _ = bigrams.split_documents(prefix, "90,10,0")
+    assert ar_slice.load_bigram_counts(path).train_parts == [train]

@@ -13,12 +13,16 @@ from test_preprocess import train_tiny_bpe
 from tokenization import bigrams as bg
 from tokenization.bigrams import (
     BigramCounter,
+    BigramCounts,
     BigramCountsError,
+    Documents,
     count_bigrams,
     dataset_info,
     load_bigram_counts,
     lookup,
+    lookup_keys,
     save_bigram_counts,
+    split_documents,
 )
 from tokenization.preprocess import _array_builder_class, preprocess, tokenizer_identity
 from tokenization.tokenizer import build_tokenizer
@@ -134,6 +138,113 @@ def test_memory_does_not_grow_with_the_training_data(tmp_path):
     assert peaks[1] < sizes[1] / 2  # far less than the training data itself
 
 
+# ------------------------------------------------------------------- training split (data_path + split)
+
+
+def megatron_split(n: int, split: str) -> list[tuple[int, int] | None]:
+    """megatron-core's own document ranges per part, as BlendedMegatronDatasetBuilder computes them."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    return [None if part is None else (int(round(part[0] * float(n))), int(round(part[1] * float(n))))
+            for part in convert_split_vector_to_split_matrix(parse_and_normalize_split(split))]
+
+
+def test_split_documents_are_megatron_cores_document_ranges(tmp_path):
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 50, 568, 1001):
+        prefix = write_dataset(tmp_path / f"d{n}", random_documents(rng, n, 97, max_len=4))
+        for split in ("980,20,0", "969,30,1", "90,10,0", "1,1,1", "100,0,0", "0.7,0.2,0.1", "3,1", "2"):
+            parts = split_documents(prefix, split)
+            got = [None if d is None else (d.start, d.stop) for d in parts]
+            assert got == megatron_split(n, split), (n, split)
+            assert all(d is None or d.prefix == prefix for d in parts)
+    with pytest.raises(BigramCountsError, match=r"split '0,0,0': give up to three proportions"):
+        split_documents(prefix, "0,0,0")
+    with pytest.raises(BigramCountsError, match=r"split '1,2,3,4'"):
+        split_documents(prefix, "1,2,3,4")
+
+
+def test_dataset_info_of_a_document_range_agrees_with_megatron(synthetic):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = synthetic[0][0]
+    reference = IndexedDataset(prefix, mmap=True)
+    tokens = np.fromfile(prefix + ".bin", np.uint16)
+    for start, stop in ((0, 80), (0, 0), (3, 17), (79, 80), (80, 80), (12, None)):
+        info = dataset_info(Documents(prefix, start, stop))
+        end = len(reference) if stop is None else stop
+        assert info.tokens == int(reference.sequence_lengths[start:end].sum())
+        assert info.documents == (start, end) and info.sequences == len(reference)
+        chunks = [c.copy() for c in bg.token_chunks(info, 7)]
+        stream = np.concatenate([chunks[0]] + [c[1:] for c in chunks[1:]]) if chunks else np.zeros(0)
+        expected = [t for i in range(start, end) for t in reference[i].tolist()]
+        assert stream.tolist() == expected == tokens[info.first_token:info.first_token + info.tokens].tolist()
+    with pytest.raises(BigramCountsError, match=r"train0: documents \[5, 81\) are not within its 80 documents"):
+        dataset_info(Documents(prefix, 5, 81))
+    with pytest.raises(BigramCountsError, match=r"documents \[9, 3\)"):
+        dataset_info(prefix, (9, 3))
+
+
+def test_training_split_counts_equal_a_plain_count_over_exactly_the_training_documents(tmp_path):
+    """The demo's counting: data_path + split, training documents counted, validation bigrams as keys."""
+    rng = np.random.default_rng(3)
+    eod = 96
+    docs = [np.append(d, eod) for d in random_documents(rng, 49, 96)]  # each document ends in eod
+    # the pair across the train/validation edge, (eod, 95), is frequent in the validation documents
+    # and occurs nowhere in the training documents: counting it would show
+    docs = [np.where(d == 95, 94, d) for d in docs]
+    docs.append(np.array([95, eod, 95, eod, 95, 3, eod]))
+    prefix = write_dataset(tmp_path / "data", docs)
+    split = "980,20,0"
+    train, valid, test = split_documents(prefix, split)
+    assert (train.start, train.stop, valid.start, valid.stop, test) == (0, 49, 49, 50, None)
+
+    result = count_bigrams([train], [valid], tokenizer=IDENTITY, chunk_tokens=13)
+    train_tokens = np.concatenate(docs[:49]).tolist()  # the training documents' tokens, in file order
+    valid_tokens = docs[49].tolist()
+    reference = Counter(zip(train_tokens, train_tokens[1:]))
+    valid_pairs = Counter(zip(valid_tokens, valid_tokens[1:]))
+    assert result.keys.tolist() == sorted(a * 97 + b for a, b in valid_pairs)
+    assert result.counts.tolist() == [reference[(int(k) // 97, int(k) % 97)] for k in result.keys]
+    assert result.eval_counts.tolist() == [valid_pairs[(int(k) // 97, int(k) % 97)] for k in result.keys]
+    assert lookup(result, [eod], [95]).tolist() == [0]  # the edge pair was not counted as training data
+    assert result.train_tokens == result.train_available == len(train_tokens)
+    assert result.eval_tokens == len(valid_tokens)
+    assert result.train_parts == [train] and result.eval_parts == [valid]
+    assert result.counts.sum() > 0 and str(valid) == f"{prefix} documents [49, 50)"
+
+    # the whole dataset counts the edge pair once, besides the validation document's own two:
+    # the range is what keeps them out
+    whole = count_bigrams([prefix], [valid], tokenizer=IDENTITY)
+    assert valid_pairs[(eod, 95)] == 2 and lookup(whole, [eod], [95]).tolist() == [1 + 2]
+    # a budget counts the first tokens of the training documents only
+    budget = count_bigrams([train], [valid], tokenizer=IDENTITY, max_train_tokens=100)
+    short = Counter(zip(train_tokens[:100], train_tokens[1:100]))
+    assert budget.counts.tolist() == [short[(int(k) // 97, int(k) % 97)] for k in budget.keys]
+
+
+def test_command_line_split_counts_the_training_documents_for_the_validation_bigrams(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    prefix = write_dataset(tmp_path / "data", random_documents(rng, 60, 97))
+    (tmp_path / "data.json").write_text(json.dumps({"tokenizer": IDENTITY}))
+    out = tmp_path / "counts.npz"
+    bg.main(["--train-prefix", prefix, "--split", "90,10,0", "--out", str(out), "--no-progress"])
+    assert f"{prefix} documents [54, 60)" in capsys.readouterr().out
+    train, valid, _ = split_documents(prefix, "90,10,0")
+    loaded = load_bigram_counts(out, 97, IDENTITY)
+    expected = count_bigrams([train], [valid])
+    assert np.array_equal(loaded.keys, expected.keys) and np.array_equal(loaded.counts, expected.counts)
+    assert loaded.train_parts == [train] and loaded.eval_parts == [valid]
+    assert loaded.train_documents == [(0, 54)] and loaded.eval_documents == [(54, 60)]
+    with pytest.raises(SystemExit, match=r"split '100,0,0' gives .*data no validation documents"):
+        bg.main(["--train-prefix", prefix, "--split", "100,0,0", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"give --eval-prefix \(or --split"):
+        bg.main(["--train-prefix", prefix, "--out", str(out)])
+
+
 def test_token_chunks_reuse_one_buffer_and_overlap_by_one_token(synthetic):
     info = dataset_info(synthetic[0][0])
     chunks = bg.token_chunks(info, 10)
@@ -211,7 +322,8 @@ def counts_file(synthetic, tmp_path):
 def test_counts_file_round_trips_with_documented_fields(counts_file):
     path, result = counts_file
     with np.load(path, allow_pickle=False) as raw:
-        assert set(raw.files) == set(bg._FIELDS)
+        assert set(raw.files) == set(bg._FIELDS) | set(bg._OPTIONAL_FIELDS)
+        assert raw["train_documents"].tolist() == [[0, 80], [0, 80]] and raw["eval_documents"].tolist() == [[0, 30]]
         assert raw["keys"].dtype == raw["counts"].dtype == np.int64
         assert str(raw["format"]) == "neox_zoology.bigram_counts/1"
         assert json.loads(str(raw["tokenizer"])) == IDENTITY
@@ -220,6 +332,33 @@ def test_counts_file_round_trips_with_documented_fields(counts_file):
     assert (loaded.vocab_size, loaded.train_tokens, loaded.max_train_tokens) == (97, 500, 500)
     assert loaded.train_prefixes == result.train_prefixes and loaded.tokenizer_id.startswith("Synthetic:")
     assert list(path.parent.glob("*.partial-*")) == []
+
+
+def test_a_file_without_document_ranges_counted_whole_datasets(counts_file, tmp_path):
+    path, result = counts_file
+    with np.load(path, allow_pickle=False) as raw:
+        fields = {name: raw[name] for name in raw.files if name not in bg._OPTIONAL_FIELDS}
+    np.savez(tmp_path / "older.npz", **fields)
+    older = load_bigram_counts(tmp_path / "older.npz", 97, IDENTITY)
+    assert older.train_documents is None and older.train_parts == [Documents(p) for p in result.train_prefixes]
+    assert np.array_equal(older.counts, result.counts)
+    np.savez(tmp_path / "bad.npz", **fields, train_documents=np.array([[0, 80]]), eval_documents=np.array([[0, 30]]))
+    with pytest.raises(BigramCountsError, match=r"train_documents must be one \[start, stop\) int64 pair per entry"):
+        load_bigram_counts(tmp_path / "bad.npz")
+
+
+def test_counts_from_arrays_save_load_and_lookup_keys(tmp_path):
+    counts = BigramCounts.from_arrays([3 * 10 + 4, 1 * 10 + 2], [7, 0], 10)
+    assert counts.keys.tolist() == [12, 34] and counts.counts.tolist() == [0, 7]
+    save_bigram_counts(tmp_path / "c.npz", counts)
+    loaded = load_bigram_counts(tmp_path / "c.npz", 10)
+    found_counts, found = lookup_keys(loaded, np.array([[34, 12], [35, 0]]))
+    assert found_counts.tolist() == [[7, 0], [0, 0]] and found.tolist() == [[True, True], [False, False]]
+    assert loaded.train_parts == [] and loaded.tokenizer_id.startswith("unspecified:")
+    with pytest.raises(BigramCountsError, match="keys must be distinct bigrams"):
+        BigramCounts.from_arrays([5, 5], [1, 1], 10)
+    with pytest.raises(BigramCountsError, match="keys must be distinct bigrams"):
+        BigramCounts.from_arrays([100], [1], 10)
 
 
 def test_lookup_is_vectorised_and_refuses_unknown_pairs(counts_file):

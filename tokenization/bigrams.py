@@ -1,13 +1,22 @@
 """How often each bigram of the evaluation data occurred in the training data.
 
     python -m tokenization.bigrams --train-prefix P --eval-prefix Q --out counts.npz \
-        [--max-train-tokens N] [--max-eval-tokens N] \
+        [--split S] [--max-train-tokens N] [--max-eval-tokens N] \
         [--tokenizer-type T --vocab-file V [--merge-file M]]
 
 ``P`` and ``Q`` are dataset prefixes (``P.bin`` / ``P.idx``, as in ``train_data_paths``); several
 may be given, comma-separated. A bigram is a pair of adjacent tokens of a dataset's token stream as
 stored in its .bin, eod tokens included, so pairs that span a document boundary count too, as they
 do in packed training sequences. Each prefix is its own stream.
+
+``--split S`` is GPT-NeoX's ``split`` (``"980,20,0"``: train, validation, test proportions) for a
+config that trains on one ``data_path``: the training tokens are then only the training documents of
+each ``P`` and the evaluation bigrams come from the validation documents of each ``Q`` (default: the
+same prefixes). The documents are megatron-core's: part i of the n documents (the index's sequences)
+is [round(a_i * n), round(b_i * n)) with [a_i, b_i) the cumulative normalized proportions
+(``split_documents``). A selection of documents is one stream of its own: pairs within it count
+(across its document boundaries, as above); the pair across its edge, into documents of another
+part, never does. In Python, a ``Documents(prefix, start, stop)`` may stand wherever a prefix does.
 
 The evaluation bigrams are collected first (distinct pairs and their own counts, merged chunk by
 chunk). The training .bin files are then read in chunks into one reused buffer (no memory map, so
@@ -35,16 +44,21 @@ Counts file (numpy ``.npz`` holding only arrays, read with ``allow_pickle=False`
     tokenizer         str   []   JSON: {"type", "vocab_size", "eod", "files": {name: "sha256:<hex>"}}
     tokenizer_id      str   []   "<type>:<16 hex digits>", a short name of that identity for messages
     train_tokens      int64 []   training tokens counted (<= max_train_tokens)
-    train_available   int64 []   training tokens in the training data
+    train_available   int64 []   training tokens in the training data (its selected documents)
     max_train_tokens  int64 []   the --max-train-tokens budget, -1 for none
     eval_tokens       int64 []   evaluation tokens read
     train_prefixes    str   [n]  the training dataset prefixes, in counting order
     eval_prefixes     str   [m]  the evaluation dataset prefixes
+    train_documents   int64 [n, 2]  [start, stop) of the documents counted of each training prefix
+    eval_documents    int64 [m, 2]  the same for the evaluation prefixes
+
+The two ``*_documents`` fields were added later: a file without them counted whole datasets.
 
 Reading it: ``counts = load_bigram_counts(path, expected_vocab_size=V, expected_tokenizer=tok)``
 checks the format, the vocabulary and the tokenizer (a Tokenizer from build_tokenizer, an identity
 dict or a tokenizer_id string) and raises BigramCountsError naming what differs; ``lookup(counts, a, b)`` returns
-the training counts of the pairs (a[i], b[i]) as an int64 array (numpy broadcasting applies).
+the training counts of the pairs (a[i], b[i]) as an int64 array (numpy broadcasting applies), and
+``lookup_keys(counts, keys)`` the counts of keys a * V + b together with which of them the file holds.
 """
 
 from __future__ import annotations
@@ -54,6 +68,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import sys
 import time
@@ -80,19 +95,54 @@ class BigramCountsError(ValueError):
 
 
 @dataclass(frozen=True)
+class Documents:
+    """Documents [start, stop) of the dataset at ``prefix``: the sequences of its .idx in file order
+    (one per document as tokenization.preprocess writes them; megatron-core's ``split`` divides these).
+    ``stop`` None is the end of the dataset; ``Documents(prefix)`` is the whole of it."""
+
+    prefix: str
+    start: int = 0
+    stop: int | None = None
+
+    def __str__(self) -> str:
+        return describe(self.prefix, (self.start, self.stop))
+
+
+def describe(prefix: str, documents: tuple[int, int | None] | None) -> str:
+    """``prefix``, with its document range when that is a part of the dataset."""
+    if documents is None or documents == (0, None):
+        return prefix
+    start, stop = documents
+    return f"{prefix} documents [{start}, {'end' if stop is None else stop})"
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     prefix: str
     dtype: np.dtype
-    tokens: int
-    sequences: int
+    tokens: int  # tokens of the selected documents
+    sequences: int  # documents (index sequences) of the whole dataset
+    documents: tuple[int, int] | None = None  # the selected documents [start, stop); None: all
+    first_token: int = 0  # where the selected documents start in the .bin, in tokens
+
+    @property
+    def name(self) -> str:
+        return describe(self.prefix, self.documents)
+
+    @property
+    def document_range(self) -> tuple[int, int]:
+        return self.documents if self.documents is not None else (0, self.sequences)
 
 
-def dataset_info(prefix: str) -> DatasetInfo:
-    """Token dtype and counts of a megatron-core .bin/.idx pair, checked against each other.
+def dataset_info(prefix: str | Documents, documents: tuple[int, int | None] | None = None) -> DatasetInfo:
+    """Token dtype and counts of a megatron-core .bin/.idx pair, checked against each other; with
+    ``documents`` (start, stop), or a Documents, those of documents [start, stop) only.
 
-    Only the header and the last length and offset of the .idx are read, so this is instant
-    however large the dataset.
+    Only the header and a few lengths and offsets of the .idx are read, so this is instant however
+    large the dataset.
     """
+    if isinstance(prefix, Documents):
+        prefix, documents = prefix.prefix, (prefix.start, prefix.stop)
     idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
     for path in (idx, bin_):
         if not path.is_file():
@@ -109,24 +159,68 @@ def dataset_info(prefix: str) -> DatasetInfo:
         if not np.issubdtype(dtype, np.integer):
             raise BigramCountsError(f"{idx}: tokens of dtype {dtype} are not token ids")
         size = bin_.stat().st_size
+
+        def pointer(i: int) -> int:  # byte offset of sequence i in the .bin
+            f.seek(34 + 4 * sequences + 8 * i)
+            return struct.unpack("<q", f.read(8))[0]
+
         if sequences:
             f.seek(34 + 4 * (sequences - 1))
             (last_length,) = struct.unpack("<i", f.read(4))
-            f.seek(34 + 4 * sequences + 8 * (sequences - 1))
-            (last_pointer,) = struct.unpack("<q", f.read(8))
-            expected = last_pointer + last_length * dtype.itemsize
+            expected = pointer(sequences - 1) + last_length * dtype.itemsize
         else:
             expected = 0
-    if expected != size:
-        raise BigramCountsError(f"{bin_} has {size} bytes but its .idx describes {expected}: the pair "
-                                "does not belong together (an interrupted copy?); make it again")
-    return DatasetInfo(prefix, dtype, size // dtype.itemsize, sequences)
+        if expected != size:
+            raise BigramCountsError(f"{bin_} has {size} bytes but its .idx describes {expected}: the pair "
+                                    "does not belong together (an interrupted copy?); make it again")
+        if documents is None:
+            return DatasetInfo(prefix, dtype, size // dtype.itemsize, sequences)
+        start, stop = int(documents[0]), sequences if documents[1] is None else int(documents[1])
+        if not 0 <= start <= stop <= sequences:
+            raise BigramCountsError(f"{prefix}: documents [{start}, {stop}) are not within its {sequences} "
+                                    "documents")
+        first = pointer(start) if start < sequences else size
+        end = pointer(stop) if stop < sequences else size
+    return DatasetInfo(prefix, dtype, (end - first) // dtype.itemsize, sequences, (start, stop),
+                       first // dtype.itemsize)
+
+
+def split_documents(prefix: str, split: str) -> list[Documents | None]:
+    """The train, validation and test documents of ``prefix`` under GPT-NeoX's ``split``.
+
+    ``split`` is the config value (``"980,20,0"``; up to three non-negative proportions, missing ones
+    0). megatron-core's rule (BlendedMegatronDatasetBuilder with one ``data_path``, GPTDataset: the
+    index's sequences): with the proportions normalized and accumulated into [a_i, b_i), part i is
+    documents [round(a_i * n), round(b_i * n)) of the n; a part with no share is None.
+    """
+    try:
+        values = [float(v) for v in re.findall(r"[.0-9]+", str(split))]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or sum(values) <= 0:
+        raise BigramCountsError(f"split {split!r}: give up to three proportions 'train,valid,test' with a "
+                                "positive sum, as in the config (e.g. '980,20,0')")
+    values += [0.0] * (3 - len(values))
+    weights = np.array(values, dtype=np.float64)
+    weights = (weights / np.sum(weights)).tolist()  # computed as megatron-core does: equal float bounds
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w)
+    n = dataset_info(prefix).sequences
+    parts: list[Documents | None] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        parts.append(None if hi <= lo else Documents(prefix, int(round(lo * float(n))), int(round(hi * float(n)))))
+    return parts
+
+
+def _info(part: str | Documents) -> DatasetInfo:
+    return dataset_info(part) if isinstance(part, Documents) else dataset_info(str(part))
 
 
 def token_chunks(info: DatasetInfo, chunk_tokens: int, limit: int | None = None
                  ) -> Iterator[np.ndarray]:
-    """The first ``limit`` tokens of a dataset in chunks; each chunk starts with the previous
-    chunk's last token, so adjacent pairs within the chunks are exactly the stream's pairs.
+    """The first ``limit`` tokens of a dataset (of its selected documents) in chunks; each chunk starts
+    with the previous chunk's last token, so adjacent pairs within the chunks are exactly the stream's pairs.
 
     The chunks share one buffer: use a chunk before asking for the next.
     """
@@ -134,6 +228,7 @@ def token_chunks(info: DatasetInfo, chunk_tokens: int, limit: int | None = None
     buffer = np.empty(min(chunk_tokens, total) + 1, info.dtype)
     done, start = 0, 0
     with open(info.prefix + ".bin", "rb", buffering=0) as f:
+        f.seek(info.first_token * info.dtype.itemsize)
         while done < total:
             n = min(chunk_tokens, total - done)
             view = memoryview(buffer[start:start + n]).cast("B")
@@ -141,7 +236,7 @@ def token_chunks(info: DatasetInfo, chunk_tokens: int, limit: int | None = None
             while got < len(view):
                 read = f.readinto(view[got:])
                 if not read:
-                    raise BigramCountsError(f"{info.prefix}.bin ended early, at token {done}")
+                    raise BigramCountsError(f"{info.prefix}.bin ended early, at token {info.first_token + done}")
                 got += read
             yield buffer[:start + n]
             buffer[0] = buffer[start + n - 1]
@@ -149,12 +244,14 @@ def token_chunks(info: DatasetInfo, chunk_tokens: int, limit: int | None = None
 
 
 def _pair_keys(chunk: np.ndarray, vocab_size: int, info: DatasetInfo, offset: int) -> np.ndarray:
-    """a * V + b for each adjacent pair of ``chunk``, after checking every id is below V."""
+    """a * V + b for each adjacent pair of ``chunk``, after checking every id is below V.
+
+    ``offset`` is the chunk's first token within the selected tokens (for messages)."""
     if chunk.size and (int(chunk.max()) >= vocab_size or int(chunk.min()) < 0):
         bad = int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0])
         raise BigramCountsError(
-            f"{info.prefix}.bin: token {int(chunk[bad])} near token {offset + bad} is not below "
-            f"vocab_size {vocab_size}: the dataset was made with another tokenizer; give the "
+            f"{info.prefix}.bin: token {int(chunk[bad])} near token {info.first_token + offset + bad} is not "
+            f"below vocab_size {vocab_size}: the dataset was made with another tokenizer; give the "
             "tokenizer that made it"
         )
     keys = chunk[:-1].astype(np.int64)
@@ -300,10 +397,47 @@ class BigramCounts:
     eval_tokens: int
     train_prefixes: list[str]
     eval_prefixes: list[str]
+    train_documents: list[tuple[int, int]] | None = None  # per prefix; None: whole datasets
+    eval_documents: list[tuple[int, int]] | None = None
     path: str | None = None
 
     def lookup(self, a, b, missing: int | None = None) -> np.ndarray:
         return lookup(self, a, b, missing)
+
+    @property
+    def train_parts(self) -> list[Documents]:
+        """What was counted as training data: each prefix with its documents."""
+        return _parts(self.train_prefixes, self.train_documents)
+
+    @property
+    def eval_parts(self) -> list[Documents]:
+        """Where the bigrams (the keys) come from: each evaluation prefix with its documents."""
+        return _parts(self.eval_prefixes, self.eval_documents)
+
+    @classmethod
+    def from_arrays(cls, keys, counts, vocab_size: int, tokenizer: dict | None = None) -> BigramCounts:
+        """Counts made by other means (tests, synthetic benchmarks): distinct keys a * vocab_size + b in
+        any order and their training counts. Without ``tokenizer`` (an identity dict) the identity names
+        no files, so a check against a real tokenizer refuses it."""
+        keys, counts = np.asarray(keys, np.int64).ravel(), np.asarray(counts, np.int64).ravel()
+        if keys.shape != counts.shape:
+            raise BigramCountsError(f"from_arrays: {keys.size} keys but {counts.size} counts")
+        order = np.argsort(keys, kind="stable")
+        keys, counts = keys[order], counts[order]
+        if keys.size and (np.any(keys[1:] == keys[:-1]) or keys[0] < 0 or keys[-1] >= vocab_size ** 2):
+            raise BigramCountsError(f"from_arrays: keys must be distinct bigrams a * {vocab_size} + b of a "
+                                    f"{vocab_size}-token vocabulary")
+        identity = tokenizer or {"type": "unspecified", "vocab_size": int(vocab_size), "eod": -1, "files": {}}
+        return cls(keys=keys, counts=counts, eval_counts=np.zeros(keys.size, np.int64), vocab_size=int(vocab_size),
+                   tokenizer=identity, tokenizer_id=identity_id(identity), train_tokens=0, train_available=0,
+                   max_train_tokens=None, eval_tokens=0, train_prefixes=[], eval_prefixes=[],
+                   train_documents=[], eval_documents=[])
+
+
+def _parts(prefixes: list[str], documents: list[tuple[int, int]] | None) -> list[Documents]:
+    if documents is None:
+        return [Documents(p) for p in prefixes]
+    return [Documents(p, int(a), int(b)) for p, (a, b) in zip(prefixes, documents)]
 
 
 def identity_id(identity: dict) -> str:
@@ -316,7 +450,8 @@ def same_tokenizer(a: dict, b: dict) -> bool:
     return (a["type"], a["files"], a.get("vocab_size")) == (b["type"], b["files"], b.get("vocab_size"))
 
 
-def _as_identity(tokenizer) -> dict:
+def as_identity(tokenizer) -> dict:
+    """The identity dict of a Tokenizer (its files are hashed); an identity dict as it is."""
     if isinstance(tokenizer, dict):
         return tokenizer
     from tokenization.preprocess import tokenizer_identity
@@ -346,6 +481,9 @@ def save_bigram_counts(path: str | os.PathLike, counts: BigramCounts) -> None:
                 eval_tokens=np.int64(counts.eval_tokens),
                 train_prefixes=np.array(counts.train_prefixes, dtype=np.str_),
                 eval_prefixes=np.array(counts.eval_prefixes, dtype=np.str_),
+                **{name: np.array(ranges, dtype=np.int64).reshape(-1, 2)
+                   for name, ranges in (("train_documents", counts.train_documents),
+                                        ("eval_documents", counts.eval_documents)) if ranges is not None},
             )
         os.replace(partial, path)
     finally:
@@ -355,6 +493,7 @@ def save_bigram_counts(path: str | os.PathLike, counts: BigramCounts) -> None:
 _FIELDS = ("format", "keys", "counts", "eval_counts", "vocab_size", "tokenizer", "tokenizer_id",
            "train_tokens", "train_available", "max_train_tokens", "eval_tokens", "train_prefixes",
            "eval_prefixes")
+_OPTIONAL_FIELDS = ("train_documents", "eval_documents")  # absent in files that counted whole datasets
 _RECOUNT = "count again with python -m tokenization.bigrams"
 
 
@@ -390,13 +529,24 @@ def load_bigram_counts(path: str | os.PathLike, expected_vocab_size: int | None 
         raise BigramCountsError(f"{path}: keys are not sorted distinct bigrams of a {vocab_size}-token "
                                 f"vocabulary; {_RECOUNT}")
     tokenizer = json.loads(str(fields["tokenizer"]))
+    documents = {}
+    for name, prefixes in (("train_documents", "train_prefixes"), ("eval_documents", "eval_prefixes")):
+        if name not in fields:
+            documents[name] = None
+            continue
+        ranges = fields[name]
+        if not (ranges.dtype == np.int64 and ranges.shape == (fields[prefixes].size, 2)
+                and np.all(ranges[:, 0] >= 0) and np.all(ranges[:, 0] <= ranges[:, 1])):
+            raise BigramCountsError(f"{path}: {name} must be one [start, stop) int64 pair per entry of {prefixes}; "
+                                    f"{_RECOUNT}")
+        documents[name] = [(int(a), int(b)) for a, b in ranges]
     result = BigramCounts(
         keys=keys, counts=counts, eval_counts=eval_counts, vocab_size=vocab_size, tokenizer=tokenizer,
         tokenizer_id=str(fields["tokenizer_id"]), train_tokens=int(fields["train_tokens"]),
         train_available=int(fields["train_available"]),
         max_train_tokens=None if int(fields["max_train_tokens"]) < 0 else int(fields["max_train_tokens"]),
         eval_tokens=int(fields["eval_tokens"]), train_prefixes=[str(p) for p in fields["train_prefixes"]],
-        eval_prefixes=[str(p) for p in fields["eval_prefixes"]], path=str(path),
+        eval_prefixes=[str(p) for p in fields["eval_prefixes"]], path=str(path), **documents,
     )
     if expected_vocab_size is not None and int(expected_vocab_size) != vocab_size:
         raise BigramCountsError(
@@ -412,7 +562,7 @@ def load_bigram_counts(path: str | os.PathLike, expected_vocab_size: int | None 
                 "(or pass the Tokenizer itself, whose files are then hashed and compared)"
             )
     elif expected_tokenizer is not None:
-        expected = _as_identity(expected_tokenizer)
+        expected = as_identity(expected_tokenizer)
         if not same_tokenizer(tokenizer, expected):
             raise BigramCountsError(
                 f"{path} was counted on data tokenized by {result.tokenizer_id} "
@@ -420,6 +570,17 @@ def load_bigram_counts(path: str | os.PathLike, expected_vocab_size: int | None 
                 f"(files {expected['files']}); {_RECOUNT} on data made with the evaluation's tokenizer"
             )
     return result
+
+
+def lookup_keys(counts: BigramCounts, keys) -> tuple[np.ndarray, np.ndarray]:
+    """Training counts of the bigram keys a * vocab_size + b (0 for keys the file does not hold) and a
+    mask of the keys it holds; both shaped like ``keys``."""
+    keys = np.asarray(keys, np.int64)
+    if counts.keys.size == 0:
+        return np.zeros(keys.shape, np.int64), np.zeros(keys.shape, bool)
+    pos = np.minimum(np.searchsorted(counts.keys, keys), counts.keys.size - 1)
+    found = counts.keys[pos] == keys
+    return np.where(found, counts.counts[pos], 0).astype(np.int64), found
 
 
 def lookup(counts: BigramCounts, a, b, missing: int | None = None) -> np.ndarray:
@@ -438,24 +599,16 @@ def lookup(counts: BigramCounts, a, b, missing: int | None = None) -> np.ndarray
             bad = ids[(ids < 0) | (ids >= counts.vocab_size)].flat[0]
             raise BigramCountsError(f"lookup: token id {int(bad)} in {name} is outside the vocabulary "
                                     f"[0, {counts.vocab_size}) of {counts.path or 'the counts'}")
-    query = a.astype(np.int64) * counts.vocab_size + b
-    if counts.keys.size == 0:
-        found = np.zeros(query.shape, bool)
-        pos = np.zeros(query.shape, np.int64)
-    else:
-        pos = np.minimum(np.searchsorted(counts.keys, query), counts.keys.size - 1)
-        found = counts.keys[pos] == query
+    found_counts, found = lookup_keys(counts, a.astype(np.int64) * counts.vocab_size + b)
     if missing is None and not found.all():
         first = np.flatnonzero(~found.ravel())[0]
         raise BigramCountsError(
-            f"{int((~found).sum())} of {query.size} bigrams are not in {counts.path or 'the counts'} "
+            f"{int((~found).sum())} of {found.size} bigrams are not in {counts.path or 'the counts'} "
             f"(first: ({int(a.flat[first])}, {int(b.flat[first])})): it holds the bigrams of "
-            f"{', '.join(counts.eval_prefixes)} only; count with the evaluation data you evaluate on, "
+            f"{', '.join(map(str, counts.eval_parts))} only; count with the evaluation data you evaluate on, "
             "or pass missing=<value>"
         )
-    if counts.keys.size == 0:
-        return np.full(query.shape, missing, np.int64)
-    return np.where(found, counts.counts[pos], 0 if missing is None else missing).astype(np.int64)
+    return np.where(found, found_counts, 0 if missing is None else missing).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------ counting
@@ -494,24 +647,26 @@ def resolve_tokenizer(prefixes: Sequence[str], given: dict | None = None) -> dic
     return reference
 
 
-def count_bigrams(train_prefixes: Sequence[str], eval_prefixes: Sequence[str], *,
+def count_bigrams(train: Sequence[str | Documents], evaluation: Sequence[str | Documents], *,
                   tokenizer: dict | None = None, max_train_tokens: int | None = None,
                   max_eval_tokens: int | None = None, chunk_tokens: int = CHUNK_TOKENS,
                   progress: bool = False) -> BigramCounts:
     """Count, over the training datasets, the bigrams of the evaluation datasets.
 
-    ``tokenizer`` is an identity dict (tokenization.preprocess.tokenizer_identity) for datasets
-    without a record; with records it must agree with them.
+    Each dataset is a prefix (all of its documents) or a Documents (those documents only, e.g. a
+    part from ``split_documents``). ``tokenizer`` is an identity dict
+    (tokenization.preprocess.tokenizer_identity) for datasets without a record; with records it must
+    agree with them.
     """
-    train_prefixes, eval_prefixes = list(train_prefixes), list(eval_prefixes)
-    if not train_prefixes or not eval_prefixes:
+    train, evaluation = list(train), list(evaluation)
+    if not train or not evaluation:
         raise BigramCountsError("give at least one training and one evaluation dataset prefix")
     for name, value in (("max_train_tokens", max_train_tokens), ("max_eval_tokens", max_eval_tokens)):
         if value is not None and value < 2:
             raise BigramCountsError(f"{name} {value}: give at least 2 tokens (one bigram)")
-    train_infos = [dataset_info(p) for p in train_prefixes]
-    eval_infos = [dataset_info(p) for p in eval_prefixes]
-    identity = resolve_tokenizer(train_prefixes + eval_prefixes, tokenizer)
+    train_infos = [_info(p) for p in train]
+    eval_infos = [_info(p) for p in evaluation]
+    identity = resolve_tokenizer([info.prefix for info in train_infos + eval_infos], tokenizer)
     vocab_size = int(identity["vocab_size"])
 
     keys, eval_counts, eval_tokens = eval_bigrams(eval_infos, vocab_size, max_eval_tokens)
@@ -543,8 +698,18 @@ def count_bigrams(train_prefixes: Sequence[str], eval_prefixes: Sequence[str], *
         keys=keys, counts=counter.counts(), eval_counts=eval_counts, vocab_size=vocab_size,
         tokenizer=identity, tokenizer_id=identity_id(identity), train_tokens=read,
         train_available=available, max_train_tokens=max_train_tokens, eval_tokens=eval_tokens,
-        train_prefixes=train_prefixes, eval_prefixes=eval_prefixes,
+        train_prefixes=[info.prefix for info in train_infos], eval_prefixes=[info.prefix for info in eval_infos],
+        train_documents=[info.document_range for info in train_infos],
+        eval_documents=[info.document_range for info in eval_infos],
     )
+
+
+def _split_part(prefix: str, split: str, index: int) -> Documents:
+    part = split_documents(prefix, split)[index]
+    if part is None:
+        name = ("training", "validation")[index]
+        raise BigramCountsError(f"split {split!r} gives {prefix} no {name} documents; give that part a share")
+    return part
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -554,7 +719,12 @@ def main(argv: list[str] | None = None) -> None:
                                      epilog="The counts file format is in the module docstring.")
     parser.add_argument("--train-prefix", required=True,
                         help="training dataset prefix(es), comma-separated (PREFIX.bin/.idx)")
-    parser.add_argument("--eval-prefix", required=True, help="evaluation dataset prefix(es)")
+    parser.add_argument("--eval-prefix", default=None,
+                        help="evaluation dataset prefix(es) (with --split, default: the --train-prefix ones)")
+    parser.add_argument("--split", default=None, metavar="S",
+                        help="the config's split, e.g. 980,20,0: count the training documents of each "
+                             "--train-prefix, take the bigrams of the validation documents of each --eval-prefix "
+                             "(megatron-core's document split, as training with data_path uses it)")
     parser.add_argument("--out", required=True, help="counts file to write (.npz)")
     parser.add_argument("--max-train-tokens", type=int, default=None,
                         help="count only the first N training tokens (default: all)")
@@ -573,8 +743,16 @@ def main(argv: list[str] | None = None) -> None:
             from tokenization.tokenizer import build_tokenizer
 
             given = tokenizer_identity(build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file))
+        train = [p for p in args.train_prefix.split(",") if p]
+        if args.eval_prefix is None and args.split is None:
+            raise BigramCountsError("give --eval-prefix (or --split, to evaluate on the validation documents "
+                                    "of the --train-prefix datasets)")
+        evaluation = train if args.eval_prefix is None else [p for p in args.eval_prefix.split(",") if p]
+        if args.split is not None:
+            train = [_split_part(p, args.split, 0) for p in train]
+            evaluation = [_split_part(p, args.split, 1) for p in evaluation]
         counts = count_bigrams(
-            [p for p in args.train_prefix.split(",") if p], [p for p in args.eval_prefix.split(",") if p],
+            train, evaluation,
             tokenizer=given, max_train_tokens=args.max_train_tokens, max_eval_tokens=args.max_eval_tokens,
             progress=not args.no_progress,
         )
@@ -583,9 +761,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"bigrams: error: {exc}")
     seconds = time.perf_counter() - start
     seen = int((counts.counts > 0).sum())
-    print(f"{counts.keys.size:,} distinct evaluation bigrams from {counts.eval_tokens:,} tokens; "
+    print(f"{counts.keys.size:,} distinct evaluation bigrams from {counts.eval_tokens:,} tokens "
+          f"({', '.join(map(str, counts.eval_parts))}); "
           f"{seen:,} of them occur in the {counts.train_tokens:,} training tokens counted "
-          f"(of {counts.train_available:,}); {seconds:.1f} s "
+          f"(of {counts.train_available:,} in {', '.join(map(str, counts.train_parts))}); {seconds:.1f} s "
           f"({counts.train_tokens / seconds:,.0f} training tokens/s) -> {args.out} [{counts.tokenizer_id}]")
 
 
