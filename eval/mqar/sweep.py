@@ -255,6 +255,7 @@ def sweep(cfg: dict, out: str | Path, workers: int = 1, threads: int = 1, plot: 
             data["errors"][key] = err
             print(f"{key}: failed\n{err}", flush=True)
         data["table"] = table(data)
+        data["remaining"] = remaining(data)
         save_results(out, data)
 
     import queue
@@ -299,10 +300,24 @@ def sweep(cfg: dict, out: str | Path, workers: int = 1, threads: int = 1, plot: 
             pool.close()
             pool.join()
     data["table"] = table(data)
+    data["remaining"] = remaining(data)
     save_results(out, data)
     if plot:
         plot_sweep(data, plot)
     return data
+
+
+def remaining(data: dict) -> list[str]:
+    """Cells of the config neither computed with current settings, nor skipped as solved at a smaller
+    width, nor of an unregistered layer type: what rerunning the command would train."""
+    out = []
+    for c in cells(data["config"]):
+        key = cell_key(*c)
+        cell = data["cells"].get(key)
+        if (cell is None or not is_current(data, cell)) and key not in data.get("solved_below", {}) \
+                and key not in data.get("skipped", []):
+            out.append(key)
+    return out
 
 
 def is_current(data: dict, cell: dict) -> bool:
