@@ -7,8 +7,15 @@
 Tied input/output embeddings use a `TiedLayerSpec` (DeepSpeed keeps the copies on different
 stages in sync). Every layer is built right after `torch.manual_seed(seed + index)`, so initial
 weights do not depend on how the layers are split over stages or TP ranks.
+
+With `lm_head_chunk_tokens: N > 0` the head layer returns a `lm_head.HeadInput` (hidden states + head
+weight) instead of logits, and `token_nll` / `lm_loss` compute the loss N tokens at a time
+(`model/lm_head.py`): the same call sites, the same numbers, no [tokens, vocab] logits. This holds under
+both engines: the pipeline engine hands the last stage's output to its loss function unchanged.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
@@ -16,6 +23,7 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from neox_zoology.model.block import ZooBlock, activation_checkpoint, build_norm
+from neox_zoology.model.lm_head import HeadInput, chunked_token_nll, head_input
 from neox_zoology.parallel import ColumnLinear, VocabEmbedding, copy_to_tp, tp_size
 
 
@@ -55,7 +63,8 @@ class FinalNormPipe(nn.Module):
 
 
 class LMHeadPipe(nn.Module):
-    """hidden [s, b, h] -> this TP rank's vocabulary shard of the logits, [b, s, V/tp] (untied head)."""
+    """hidden [s, b, h] -> this TP rank's vocabulary shard of the logits, [b, s, V/tp] (untied head);
+    with `lm_head_chunk_tokens > 0`, a `HeadInput` for the chunked loss instead."""
 
     def __init__(self, args, config):
         super().__init__()
@@ -63,14 +72,20 @@ class LMHeadPipe(nn.Module):
             args.hidden_size, args.padded_vocab_size, config=config, init_method=config.init_method,
             bias=False, gather_output=False,
         )
+        self.chunk_tokens = args.lm_head_chunk_tokens
 
     def forward(self, x):
+        if self.chunk_tokens > 0:
+            return head_input(x, self.proj.weight, self.chunk_tokens)
         logits, _ = self.proj(x)
         return logits.transpose(0, 1).contiguous()
 
 
-def tied_head(embedding: EmbeddingPipe, x):
-    """The LM head that reuses the input embedding matrix (its vocab shard on this TP rank)."""
+def tied_head(embedding: EmbeddingPipe, x, chunk_tokens: int = 0):
+    """The LM head that reuses the input embedding matrix (its vocab shard on this TP rank); with
+    `chunk_tokens > 0`, a `HeadInput` for the chunked loss instead of logits."""
+    if chunk_tokens > 0:
+        return head_input(x, embedding.word_embeddings.weight, chunk_tokens)
     logits = torch.nn.functional.linear(copy_to_tp(x), embedding.word_embeddings.weight)
     return logits.transpose(0, 1).contiguous()
 
@@ -86,8 +101,10 @@ def layer_specs(args, config) -> list:
         specs.append(LayerSpec(ZooBlock, args, config, i + 1, layer_type, occurrence))
     specs.append(LayerSpec(FinalNormPipe, args))
     if tied:
+        chunk = args.lm_head_chunk_tokens
+        head = partial(tied_head, chunk_tokens=chunk) if chunk > 0 else tied_head
         specs.append(
-            TiedLayerSpec("embed", EmbeddingPipe, args, config, forward_fn=tied_head,
+            TiedLayerSpec("embed", EmbeddingPipe, args, config, forward_fn=head,
                           tied_weight_attr="word_embeddings.weight")
         )
     else:
@@ -95,8 +112,11 @@ def layer_specs(args, config) -> list:
     return specs
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy [b, s] from vocab-parallel logits [b, s, V/tp] (no logits gather)."""
+def token_nll(logits: torch.Tensor | HeadInput, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [b, s] from vocab-parallel logits [b, s, V/tp] (no logits gather), or from
+    the chunked head's `HeadInput` (`lm_head_chunk_tokens > 0`: logits only a chunk at a time)."""
+    if isinstance(logits, HeadInput):
+        return chunked_token_nll(logits, labels)
     if tp_size() > 1:
         return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
     return torch.nn.functional.cross_entropy(
@@ -104,8 +124,8 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ).view_as(labels)
 
 
-def lm_loss(logits: torch.Tensor, labels_and_mask) -> torch.Tensor:
-    """Masked mean cross-entropy over vocab-parallel logits [b, s, V/tp] (no logits gather)."""
+def lm_loss(logits: torch.Tensor | HeadInput, labels_and_mask) -> torch.Tensor:
+    """Masked mean cross-entropy over vocab-parallel logits [b, s, V/tp] (no logits gather) or a `HeadInput`."""
     labels, loss_mask = labels_and_mask
     losses = token_nll(logits, labels)
     mask = loss_mask.float()

@@ -17,10 +17,32 @@ def parse(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="replace one key (value in YAML syntax), e.g. --set train_iters=20")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate, build on the meta device, print parameters and FLOPs as JSON, exit")
+                   help="validate, build on the meta device, print parameters, FLOPs and the per-rank memory "
+                        "plan (also as JSON), exit")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: plan memory for N ranks (default: the launcher's WORLD_SIZE, else "
+                        "model_parallel_size x pipeline stages, i.e. one data-parallel replica)")
     p.add_argument("--summary-json", default=None, help="write first/last loss, checkpoint, throughput here")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def dry_run_world_size(ns) -> int:
+    """The world size a dry run plans for: --world-size, else WORLD_SIZE (set by the launcher), else the
+    smallest world the config runs on (model_parallel_size x pipeline stages: one data-parallel replica)."""
+    from neox_zoology.config import ConfigError, merge_files
+
+    if ns.world_size is not None:
+        if ns.world_size < 1:
+            raise ConfigError(f"--world-size {ns.world_size}: give a positive number of ranks")
+        return ns.world_size
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    raw, _ = merge_files(ns.configs, ns.override, ns.sets)
+    tp, pp = raw.get("model_parallel_size", 1), raw.get("pipe_parallel_size", 0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (tp, pp)):
+        return 1  # validation names the bad value
+    return max(1, tp) * max(1, pp)
 
 
 def _report(msg: str) -> None:
@@ -38,7 +60,11 @@ def main(argv=None) -> int:
     from neox_zoology.config import ConfigError, check_paths, load
 
     try:
-        args = load(ns.configs, ns.override, ns.sets, world_size=None if not ns.dry_run else 1)
+        if ns.world_size is not None and not ns.dry_run:
+            raise ConfigError("--world-size only goes with --dry-run; a training run takes its world size from "
+                              "the launcher (deepspeed --num_gpus N ...)")
+        world = dry_run_world_size(ns) if ns.dry_run else None
+        args = load(ns.configs, ns.override, ns.sets, world_size=world)
         check_paths(args, need_data=not ns.dry_run)
         if ns.dry_run:
             from neox_zoology.training import dryrun
