@@ -3,7 +3,12 @@
 y[..., t] = sum_{j<=t} k[..., j] * u[..., t-j], computed as irfft(rfft(u, n) * rfft(k, n))[:L] with
 n >= 2L (no circular wrap-around). FFTs always run in fp32 (torch.fft refuses bf16 on CPU, and bf16
 FFTs lose too much precision on GPU); inputs and outputs keep their dtype. The filter's FFT is taken
-once per call and broadcast over the batch. FlashFFTConv is used when importable on CUDA.
+once per call and broadcast over the batch.
+
+FlashFFTConv (optional, CUDA) is used when importable for fp16/bf16 inputs [b, d, L] on CUDA whose
+shape its kernels support (`flash_fft_size`). Its FFTs are tensor-core matmuls on half-precision
+operands (fp32 accumulation): with it installed, bf16 training trades the fp32 FFT for its speed.
+fp32 inputs always take the fp32 torch path (they are never cast down).
 """
 from __future__ import annotations
 
@@ -40,8 +45,26 @@ def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     if k.shape[-1] > L:
         raise ValueError(f"filter length {k.shape[-1]} exceeds the sequence length {L}")
     if FlashFFTConv is not None and u.is_cuda and u.dim() == 3:
-        return _flash(u, k)
+        size = flash_fft_size(L, u.shape[1], u.dtype)
+        if size is not None:
+            return _flash(u, k, size)
     return _FFTConv.apply(u, k)
+
+
+def flash_fft_size(L: int, channels: int, dtype: torch.dtype) -> int | None:
+    """FlashFFTConv's FFT size for a causal convolution of length L, or None where it does not apply.
+
+    Its documented input requirements: fp16/bf16 only (fp32 inputs keep the fp32 torch FFT instead of
+    being cast down), a power-of-two FFT size in [256, 4M] (here the smallest >= 2L, so no
+    wrap-around), L even and a multiple of 4 at FFT sizes 512 and 2048, channels a multiple of 16 above
+    FFT size 32768.
+    """
+    if dtype not in (torch.float16, torch.bfloat16) or L < 2 or L % 2:
+        return None
+    size = max(256, 1 << (2 * L - 1).bit_length())
+    if size > 1 << 22 or (size in (512, 2048) and L % 4) or (size > 32768 and channels % 16):
+        return None
+    return size
 
 
 class _FFTConv(torch.autograd.Function):
@@ -83,10 +106,9 @@ def _flash_module(seqlen: int, dtype: torch.dtype, device: torch.device):
     return FlashFFTConv(seqlen, dtype=dtype).to(device)
 
 
-def _flash(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _flash(u: torch.Tensor, k: torch.Tensor, size: int) -> torch.Tensor:
+    """u [b, d, L] in fp16/bf16 (contiguous, as FlashFFTConv requires), k [d, Lk] as an fp32 [d, L] filter."""
     L = u.shape[-1]
-    size = max(16, 2 * (1 << (L - 1).bit_length()))  # FlashFFTConv's FFT size for length L
-    dtype = u.dtype if u.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    mod = _flash_module(size, dtype, u.device)
+    mod = _flash_module(size, u.dtype, u.device)
     kk = torch.nn.functional.pad(k.float(), (0, L - k.shape[-1]))
-    return mod(u.to(dtype).contiguous(), kk).to(u.dtype)
+    return mod(u.contiguous(), kk).to(u.dtype)

@@ -6,21 +6,150 @@
 Activations are sequence-first [s, b, h] as in megatron-core. Pipeline layers pass the tuple
 (hidden, token_ids): token ids ride along so that mixers which select positions from raw tokens can
 use them on any pipeline stage.
+
+Two optional fast paths live here, both leaving parameters and state-dict keys unchanged:
+
+- fused norms (`fused_norms`, default on): `LayerNorm` / `RMSNorm` are torch's modules; when NVIDIA
+  apex's fused kernels are importable they run apex's FusedLayerNorm / FusedRMSNorm kernel for CUDA
+  inputs and torch's own otherwise (decided per call from the input's device and dtype, see
+  `FusedNormMixin`), so checkpoints move freely between machines with and without apex.
+- `compile: true`: each block's mixer is compiled in place with torch.compile (see `compile_mixer`).
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from neox_zoology import registry
-from neox_zoology.parallel import ColumnLinear, RowLinear
+from neox_zoology.parallel import ColumnLinear, RowLinear, tp_size
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+@functools.lru_cache(maxsize=None)
+def apex_fused_norm_functions():
+    """apex's fused (layer_norm_affine, rms_norm_affine) functions, or None when apex or its CUDA
+    extension (`fused_layer_norm_cuda`, built with apex's --cuda_ext) is not installed.
+
+    (The PyPI package called `apex` is an unrelated web toolkit: without `apex.normalization` it counts
+    as absent.)
+    """
+    try:
+        import importlib
+
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
+
+        importlib.import_module("fused_layer_norm_cuda")
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return fused_layer_norm_affine, fused_rms_norm_affine
+
+
+class FusedNormMixin:
+    """Runs apex's fused kernel instead of torch's when it can, on the same parameters.
+
+    The choice is made per call, not at build time: the model is built on the CPU
+    (`use_cpu_initialization`) and moved to the GPU afterwards, and the same module may later
+    evaluate CPU tensors. The fused kernel is used when `fused` is set (the `fused_norms` key and
+    apex importable, checked once at build time), the input is a CUDA tensor of the parameters'
+    dtype, and no torch.compile trace is running; otherwise torch's norm runs.
+    """
+
+    fused: bool = False
+
+    def use_fused(self, x: torch.Tensor) -> bool:
+        return (self.fused and x.is_cuda and x.dtype == self.weight.dtype
+                and not torch.compiler.is_compiling())
+
+
+class LayerNorm(FusedNormMixin, nn.LayerNorm):
+    """torch.nn.LayerNorm (parameters `weight`, `bias`); apex's FusedLayerNorm kernel on CUDA inputs."""
+
+    def __init__(self, hidden_size: int, eps: float, fused: bool = False):
+        super().__init__(hidden_size, eps=eps)
+        self.fused = fused
+
+    def forward(self, x):
+        if self.use_fused(x):
+            layer_norm, _ = apex_fused_norm_functions()
+            return layer_norm(x, self.weight, self.bias, self.normalized_shape, self.eps)
+        return super().forward(x)
+
+
+class RMSNorm(FusedNormMixin, nn.RMSNorm):
+    """torch.nn.RMSNorm (parameter `weight`); apex's FusedRMSNorm kernel on CUDA inputs."""
+
+    def __init__(self, hidden_size: int, eps: float, fused: bool = False):
+        super().__init__(hidden_size, eps=eps)
+        self.fused = fused
+
+    def forward(self, x):
+        if self.use_fused(x):
+            _, rms_norm = apex_fused_norm_functions()
+            return rms_norm(x, self.weight, self.normalized_shape, self.eps)
+        return super().forward(x)
 
 
 def build_norm(args) -> nn.Module:
+    """The block / final norm. `fused_norms: true` (default) uses apex's kernels where available."""
+    fused = bool(getattr(args, "fused_norms", False)) and apex_fused_norm_functions() is not None
     if args.norm == "rmsnorm":
-        return nn.RMSNorm(args.hidden_size, eps=args.rms_norm_epsilon)
-    return nn.LayerNorm(args.hidden_size, eps=args.layernorm_epsilon)
+        return RMSNorm(args.hidden_size, eps=args.rms_norm_epsilon, fused=fused)
+    return LayerNorm(args.hidden_size, eps=args.layernorm_epsilon, fused=fused)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+COMPILE_OPTIONS = {"fallback_random": True}
+"""Inductor options of compiled mixers. `fallback_random`: random ops (attention dropout) draw from
+torch's generator exactly as in eager mode, so a compiled mixer gives the same dropout masks as an
+eager one and activation checkpointing's recompute (a no-grad graph first, a grad graph in backward,
+RNG state restored in between) replays them."""
+
+
+def compile_mixer(mixer: nn.Module) -> bool:
+    """Compile `mixer` in place with torch.compile (dynamic=False); True if it was compiled.
+
+    In place (`nn.Module.compile`), so parameters, state-dict keys and hooks stay those of the eager
+    module. Not compiled: mixers whose class sets `supports_compile = False` (kernels with
+    data-dependent shapes and Python-side state of their own).
+
+    With tensor parallelism > 1, megatron-core's tensor-parallel package (its TP linear layers, the
+    copy/gather/reduce mappings and their autograd functions) is not traced: every call into it is a
+    graph break and runs eagerly, and only the mixer's own computation between those calls is
+    compiled. (Traced, at TP = 2 on torch 2.13, BaseConv with its implicit long filter, whose
+    column-parallel linear sits in one graph with the mixer's copy-to / gather-from mappings, got
+    wrong input gradients without any error, although each of these pieces compiled alone was right.)
+    At TP = 1 megatron-core's layers run no collective and are traced like the rest.
+    """
+    if not getattr(mixer, "supports_compile", True):
+        return False
+    if tp_size() > 1 and not _keep_tensor_parallel_eager():
+        log.warning("compile: torch.compile cannot be kept out of megatron-core's tensor-parallel layers in this "
+                    "torch version; %s runs eagerly", type(mixer).__name__)
+        return False
+    mixer.compile(dynamic=False, options=COMPILE_OPTIONS)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _keep_tensor_parallel_eager() -> bool:
+    """Tell dynamo not to trace megatron-core's tensor_parallel package (process-wide, once)."""
+    try:
+        from torch._dynamo import trace_rules
+
+        trace_rules.add("megatron.core.tensor_parallel")
+    except Exception:  # noqa: BLE001 - an older/newer torch without this hook: do not compile under TP
+        return False
+    return True
 
 
 class MLP(nn.Module):
@@ -73,6 +202,8 @@ class ZooBlock(nn.Module):
             **spec.per_layer(args.mixer_args(layer_type), occurrence),
         )
         self.post_norm = build_norm(args)
+        self.compiled = bool(getattr(args, "compile", False)) and compile_mixer(self.mixer)
+        """Whether the mixer runs compiled (`compile: true` and the mixer supports it)."""
         if spec.mlp is not None:
             self.mlp = spec.mlp(config, layer_number)
         else:

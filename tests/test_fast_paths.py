@@ -1,0 +1,385 @@
+"""Optional fast paths, each compared with the portable path it replaces.
+
+- `compile: true`: torch.compile of each block's mixer (CPU: inductor + the C++ compiler);
+- fused norms: NVIDIA apex's FusedLayerNorm / FusedRMSNorm kernels on CUDA inputs;
+- bf16: every mixer in bf16 against fp32, and the FFT convolution computing in fp32;
+- flash attention through SDPA, and FlashFFTConv.
+
+What needs CUDA, apex or flashfftconv is skipped without it (with the reason); everything that can
+run on a CPU does, on the CPU.
+"""
+import copy
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import neox_zoology
+from dist import gather_tp_grad, init_tp, run_ranks
+from neox_zoology import registry
+from neox_zoology.config import build_args
+from neox_zoology.mixers import fftconv
+from neox_zoology.mixers.attention import CausalSelfAttention
+from neox_zoology.model import block as block_module
+from neox_zoology.model.block import LayerNorm, RMSNorm, ZooBlock, build_norm, compile_mixer
+from neox_zoology.model.tconfig import transformer_config
+
+CUDA = torch.cuda.is_available()
+APEX = block_module.apex_fused_norm_functions() is not None
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: this fast path exists only there")
+needs_apex = pytest.mark.skipif(
+    not (CUDA and APEX), reason="needs a CUDA GPU and NVIDIA apex built with its fused_layer_norm_cuda extension")
+needs_flashfftconv = pytest.mark.skipif(
+    not (CUDA and fftconv.FlashFFTConv is not None), reason="needs a CUDA GPU and the flashfftconv package")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+D, L, HEADS, B = 32, 16, 4, 2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in fp32."""
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def step(model, x, token_ids=None, seed=None):
+    """One forward+backward with a fixed output gradient; (output, input grad, {param: grad})."""
+    x = x.detach().clone().requires_grad_(True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = model(x, token_ids=token_ids)
+    g = torch.Generator().manual_seed(123)
+    (y.float() * torch.randn(y.shape, generator=g).to(y.device)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad.detach(), grads
+
+
+def assert_same_step(got, want, atol, rtol):
+    torch.testing.assert_close(got[0], want[0], atol=atol, rtol=rtol)
+    torch.testing.assert_close(got[1], want[1], atol=atol, rtol=rtol)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], atol=atol, rtol=rtol, msg=name)
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def tiny_args(**overrides):
+    raw = {"num_layers": 2, "hidden_size": D, "num_attention_heads": HEADS, "seq_length": L,
+           "attention_config": [[["attention", "baseconv"], "all"]], "vocab_size": 64}
+    raw.update(overrides)
+    return build_args(raw, world_size=1)
+
+
+# ----------------------------------------------------------------------------- torch.compile (CPU)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("attention", {}),
+    ("baseconv", {"layer_index": 0}),  # short filter: the shift-and-add autograd function
+    ("baseconv", {"layer_index": 1}),  # implicit long filter: the FFT-convolution autograd function
+], ids=["attention", "baseconv_short", "baseconv_long"])
+def test_compiled_mixer_equals_eager(name, kwargs):
+    torch.manual_seed(0)
+    eager = neox_zoology.build_mixer(name, hidden_size=D, seq_length=L, num_attention_heads=HEADS, **kwargs)
+    if name == "attention":
+        eager.mixer.dropout = 0.1  # compiled random ops draw like eager ones (fallback_random)
+    compiled = copy.deepcopy(eager)
+    assert compile_mixer(compiled.mixer) and is_compiled(compiled.mixer)
+    x = torch.randn(B, L, D)
+    assert_same_step(step(compiled, x, seed=7), step(eager, x, seed=7), atol=1e-5, rtol=1e-4)
+    if name == "attention":  # the no-grad graph (checkpointing's first pass) draws the same masks too
+        with torch.no_grad():
+            torch.manual_seed(7)
+            y = compiled(x)
+        torch.testing.assert_close(y, step(eager, x, seed=7)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_keeps_the_state_dict_and_honours_a_mixers_opt_out(monkeypatch):
+    config = transformer_config(hidden_size=D, num_attention_heads=HEADS)
+    plain = ZooBlock(tiny_args(), config, 1, "attention", 0)
+    compiled = ZooBlock(tiny_args(compile=True), config, 1, "attention", 0)
+    assert not plain.compiled and not is_compiled(plain.mixer)
+    assert compiled.compiled and is_compiled(compiled.mixer)
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints move between the two
+    compiled.load_state_dict(plain.state_dict())
+
+    monkeypatch.setattr(CausalSelfAttention, "supports_compile", False, raising=False)
+    opted_out = ZooBlock(tiny_args(compile=True), config, 1, "attention", 0)
+    assert not opted_out.compiled and not is_compiled(opted_out.mixer)
+
+
+def _gpt_grads(rank, raw, tp):
+    import torch._inductor.config
+
+    from neox_zoology.model.gpt import SequentialGPT, lm_loss
+    from neox_zoology.training.engine import model_config
+    from neox_zoology.training.loop import resolve_vocab
+
+    # A forked child must not use the compile-worker pool the parent may have started (it hangs):
+    # compile in this process.
+    torch._inductor.config.compile_threads = 1
+    init_tp(tp)
+    args = build_args(raw, world_size=tp)
+    resolve_vocab(args)
+    model = SequentialGPT(args, model_config(args))
+    blocks = [m for m in model.layers if isinstance(m, ZooBlock)]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (2, args.seq_length), generator=g)
+    labels = torch.randint(0, args.vocab_size, (2, args.seq_length), generator=g)
+    loss = lm_loss(model(tokens), (labels, torch.ones_like(labels)))
+    loss.backward()
+    return (float(loss), {n: gather_tp_grad(p) for n, p in model.named_parameters()},
+            [b.compiled for b in blocks])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_compiled_blocks_with_activation_checkpointing_match_eager_tp1(tp):
+    """The training path: megatron-core parallel state set up, every block's mixer compiled and
+    recomputed in backward (checkpoint_num_layers 1). At TP=2 megatron-core's TP layers and collectives
+    run eagerly between compiled parts; the implicit long filter (a column-parallel linear) next to
+    BaseConv's copy/gather is the case that came out wrong when they were traced."""
+    raw = {"num_layers": 2, "hidden_size": D, "num_attention_heads": HEADS, "seq_length": L,
+           "attention_config": [[["attention", "baseconv"], "all"]], "baseconv": {"kernel_sizes": [-1]},
+           "vocab_size": 64, "norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary"}
+    (loss1, g1, compiled1), = run_ranks(_gpt_grads, 1, raw, 1)
+    assert compiled1 == [False, False]
+    ranks = run_ranks(_gpt_grads, tp, {**raw, "compile": True, "checkpoint_activations": True,
+                                       "checkpoint_num_layers": 1}, tp)
+    for loss2, g2, compiled2 in ranks:
+        assert compiled2 == [True, True]
+        assert loss2 == pytest.approx(loss1, abs=1e-5)
+        assert g2.keys() == g1.keys()
+        for name in g1:
+            torch.testing.assert_close(g2[name], g1[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", registry.names())
+def test_every_compiled_mixer_equals_eager_on_cuda(name):
+    torch.manual_seed(0)
+    eager = neox_zoology.build_mixer(name, hidden_size=64, seq_length=128, num_attention_heads=4).cuda()
+    compiled = copy.deepcopy(eager)
+    if not getattr(type(compiled.mixer), "supports_compile", True):
+        assert not compile_mixer(compiled.mixer) and not is_compiled(compiled.mixer)
+        return
+    assert compile_mixer(compiled.mixer)
+    x = torch.randn(2, 128, 64, device="cuda")
+    tokens = torch.randint(0, 8, (2, 128), device="cuda")
+    assert_same_step(step(compiled, x, tokens, seed=3), step(eager, x, tokens, seed=3), atol=1e-4, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- fused norms
+
+
+@pytest.mark.parametrize("norm,torch_cls", [("layernorm", torch.nn.LayerNorm), ("rmsnorm", torch.nn.RMSNorm)])
+def test_norms_keep_torch_parameters_and_use_torch_on_cpu(norm, torch_cls, monkeypatch):
+    args = tiny_args(norm=norm, fused_norms=True)
+
+    def fused_kernels_must_not_run(x, *a, **k):
+        raise AssertionError("the fused kernel ran on a CPU tensor")
+
+    # apex "installed": the norm is built fused, and a CPU input still takes torch's path
+    monkeypatch.setattr(block_module, "apex_fused_norm_functions",
+                        lambda: (fused_kernels_must_not_run, fused_kernels_must_not_run))
+    fused = build_norm(args)
+    assert isinstance(fused, torch_cls) and fused.fused
+    reference = torch_cls(D, eps=fused.eps)
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 5, D)
+    torch.testing.assert_close(fused(x), reference(x), atol=0, rtol=0)
+
+    # no apex, or fused_norms off: the plain module
+    monkeypatch.setattr(block_module, "apex_fused_norm_functions", lambda: None)
+    assert not build_norm(args).fused
+    monkeypatch.setattr(block_module, "apex_fused_norm_functions", lambda: (None, None))
+    assert not build_norm(tiny_args(norm=norm, fused_norms=False)).fused
+    plain = build_norm(tiny_args(norm=norm, fused_norms=False))
+    plain.load_state_dict(fused.state_dict())  # checkpoints move between fused and unfused
+
+
+def test_without_apex_norms_are_portable_here():
+    if APEX:
+        pytest.skip("apex with its CUDA extension is installed here")
+    assert not build_norm(tiny_args(norm="layernorm", fused_norms=True)).fused
+    assert not build_norm(tiny_args(norm="rmsnorm", fused_norms=True)).fused
+
+
+@needs_apex
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_fused_norms_equal_torch_norms_on_cuda(norm, dtype):
+    from apex.normalization import FusedLayerNorm, FusedRMSNorm
+
+    args = tiny_args(norm=norm, fused_norms=True, hidden_size=256, num_attention_heads=4)
+    fused = build_norm(args).cuda().to(dtype)
+    plain = build_norm(tiny_args(norm=norm, fused_norms=False, hidden_size=256, num_attention_heads=4)).cuda().to(dtype)
+    assert fused.fused and not plain.fused
+    apex_module = (FusedLayerNorm if norm == "layernorm" else FusedRMSNorm)(256, eps=fused.eps)
+    assert list(apex_module.state_dict()) == list(fused.state_dict())
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        if norm == "layernorm":
+            fused.bias.uniform_(-0.5, 0.5)
+    plain.load_state_dict(fused.state_dict())
+    apex_module.load_state_dict(fused.state_dict())
+    x = torch.randn(64, 4, 256, device="cuda", dtype=dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    outs = []
+    for module in (fused, plain, apex_module.cuda().to(dtype)):
+        xx = x.clone().requires_grad_(True)
+        y = module(xx)
+        y.float().square().sum().backward()
+        outs.append((y.detach(), xx.grad, module.weight.grad))
+    for got in (outs[0], outs[2]):
+        for a, b in zip(got, outs[1]):
+            torch.testing.assert_close(a, b, **tol)
+
+
+# ----------------------------------------------------------------------------- bf16
+
+
+MIXER_CASES = [(name, {}) for name in registry.names()] + [("baseconv", {"layer_index": 1})]
+MIXER_IDS = [name + ("_long" if kw else "") for name, kw in MIXER_CASES]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,kwargs", MIXER_CASES, ids=MIXER_IDS)
+def test_bf16_mixer_matches_fp32(device, name, kwargs):
+    """The whole mixer in bf16 (as DeepSpeed's bf16 mode casts the module) against fp32 on the same
+    weights (rounded to bf16 first, so only the arithmetic differs): output, input gradient and the
+    parameter gradients within a bf16 tolerance."""
+    torch.manual_seed(0)
+    n = 64
+    fp32 = neox_zoology.build_mixer(name, hidden_size=n, seq_length=n, num_attention_heads=4, **kwargs).to(device)
+    with torch.no_grad():
+        for t in [*fp32.parameters(), *fp32.buffers()]:
+            if t.is_floating_point():
+                t.copy_(t.bfloat16().float())
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    x = torch.randn(2, n, n, device=device)
+    tokens = torch.randint(0, 8, (2, n), device=device)
+    want = step(fp32, x, tokens, seed=1)
+    got = step(bf16, x.bfloat16(), tokens, seed=1)
+    assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in got[2].values())
+    assert rel_err(got[0], want[0]) < 3e-2
+    assert rel_err(got[1], want[1]) < 3e-2
+    names = sorted(want[2])
+    assert rel_err(torch.cat([got[2][k].flatten().float() for k in names]),
+                   torch.cat([want[2][k].flatten() for k in names])) < 3e-2
+
+
+class FFTDtypes(TorchDispatchMode):
+    """Records the input dtypes of every FFT op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name.startswith("_fft_"):
+            self.seen.append((name, args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fft_conv_computes_in_fp32_for_bf16_inputs(device, monkeypatch):
+    monkeypatch.setattr(fftconv, "FlashFFTConv", None)  # the torch FFT path (FlashFFTConv: its own test)
+    torch.manual_seed(0)
+    u = torch.randn(2, 8, 64, device=device).bfloat16().requires_grad_(True)
+    k = (torch.randn(8, 64, device=device) / 8).bfloat16().requires_grad_(True)
+    with FFTDtypes() as mode:
+        y = fftconv.fft_causal_conv(u, k)
+        y.float().square().sum().backward()
+    ops = {name for name, _ in mode.seen}
+    assert {"_fft_r2c", "_fft_c2r"} <= ops
+    assert {dtype for _, dtype in mode.seen} <= {torch.float32, torch.complex64}, mode.seen
+    assert y.dtype == u.grad.dtype == k.grad.dtype == torch.bfloat16
+    u32, k32 = u.detach().float().requires_grad_(True), k.detach().float().requires_grad_(True)
+    y32 = fftconv.fft_causal_conv(u32, k32)
+    y32.square().sum().backward()
+    assert rel_err(y, y32) < 1e-2 and rel_err(u.grad, u32.grad) < 2e-2 and rel_err(k.grad, k32.grad) < 2e-2
+
+
+# ----------------------------------------------------------------------------- flash attention (SDPA)
+
+
+@pytest.mark.parametrize("device,dtype,name", [
+    ("cpu", torch.float32, "attention"),
+    ("cpu", torch.bfloat16, "attention"),
+    ("cpu", torch.float32, "sliding_window"),  # CPU's flash kernel takes the window mask
+    # On CUDA the flash kernel takes no explicit mask: sliding_window uses another SDPA backend there.
+    pytest.param("cuda", torch.bfloat16, "attention", marks=needs_cuda),
+    pytest.param("cuda", torch.float16, "attention", marks=needs_cuda),
+])
+def test_attention_with_the_flash_backend_equals_the_math_backend(device, dtype, name):
+    torch.manual_seed(0)
+    n = 128 if device == "cuda" else 32
+    kwargs = {"window": 8} if name == "sliding_window" else {}
+    mixer = neox_zoology.build_mixer(name, hidden_size=n, seq_length=n, num_attention_heads=2, **kwargs)
+    mixer = mixer.to(device=device, dtype=dtype)
+    x = torch.randn(2, n, n, device=device, dtype=dtype)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = step(mixer, x)
+    for p in mixer.parameters():
+        p.grad = None
+    with sdpa_kernel(SDPBackend.MATH):
+        math_ = step(mixer, x)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(flash[0], math_[0]) < tol
+    assert rel_err(flash[1], math_[1]) < tol
+    for key in math_[2]:
+        assert rel_err(flash[2][key], math_[2][key]) < tol, key
+
+
+# ----------------------------------------------------------------------------- FlashFFTConv
+
+
+def test_flash_fft_size_follows_flashfftconv_input_requirements():
+    bf16, fp16 = torch.bfloat16, torch.float16
+    assert fftconv.flash_fft_size(16, 64, bf16) == 256  # the smallest FFT size it has
+    assert fftconv.flash_fft_size(128, 64, fp16) == 256
+    assert fftconv.flash_fft_size(132, 64, bf16) == 512
+    assert fftconv.flash_fft_size(2048, 64, bf16) == 4096
+    assert fftconv.flash_fft_size(2048, 64, torch.float32) is None  # fp32 keeps the fp32 torch FFT
+    assert fftconv.flash_fft_size(101, 64, bf16) is None  # L must be even
+    assert fftconv.flash_fft_size(130, 64, bf16) is None  # FFT size 512: L must divide by 4
+    assert fftconv.flash_fft_size(1000, 64, bf16) == 2048
+    assert fftconv.flash_fft_size(1002, 64, bf16) is None  # FFT size 2048: L must divide by 4
+    assert fftconv.flash_fft_size(32768, 64, bf16) == 65536
+    assert fftconv.flash_fft_size(32768, 72, bf16) is None  # above 32K: channels divide by 16
+    assert fftconv.flash_fft_size(1 << 21, 64, bf16) == 1 << 22
+    assert fftconv.flash_fft_size((1 << 21) + 2, 64, bf16) is None  # above 4M
+    for L in range(2, 600, 2):
+        size = fftconv.flash_fft_size(L, 64, bf16)
+        if size is not None:
+            assert size >= 2 * L and size & (size - 1) == 0
+
+
+@needs_flashfftconv
+@pytest.mark.parametrize("L,Lk", [(16, 16), (100, 100), (1000, 7), (2048, 2048)])
+def test_flashfftconv_equals_the_torch_fft_path(L, Lk, monkeypatch):
+    calls = []
+    flash = fftconv._flash
+    monkeypatch.setattr(fftconv, "_flash", lambda u, k, size: calls.append(size) or flash(u, k, size))
+    torch.manual_seed(0)
+    u = torch.randn(2, 64, L, device="cuda").bfloat16()
+    k = (torch.randn(64, Lk, device="cuda") / math.sqrt(Lk))
+    outs = []
+    for fn in (fftconv.fft_causal_conv, fftconv._FFTConv.apply):
+        uu, kk = u.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        y = fn(uu, kk)
+        y.float().square().sum().backward()
+        outs.append((y, uu.grad, kk.grad))
+    assert calls == [fftconv.flash_fft_size(L, 64, torch.bfloat16)]
+    for got, want in zip(*outs):
+        assert got.dtype == want.dtype
+        assert rel_err(got, want) < 2e-2
