@@ -23,15 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# CPU benchmarks; each prints JSON with ratios against a peer measured in the same run.
+# CPU benchmarks (bench/run_all.py lists them); each writes bench/results/<name>.json with ratios against
+# a peer measured in the same run; bench/results/SUMMARY.md collects the headline figures.
 bench: $(STAMP)
-	mkdir -p bench/results
-	$(PY) -m bench.trainer_overhead --out bench/results/trainer_overhead.json
-	$(PY) -m bench.mixers --seq-len 2048 --out bench/results/mixers_2048.json --md bench/results/mixers_2048.md
-	$(PY) -m bench.sparse --seq-len 2048 8192 --out bench/results/sparse.json --md bench/results/sparse.md
-	$(PY) -m bench.ar_eval --out bench/results/ar_eval.json
-	$(PY) -m bench.preprocess --mb 24 --rounds 2 --out bench/results/preprocess.json --md bench/results/preprocess.md
-	$(PY) -m bench.bigrams --out bench/results/bigrams.json --md bench/results/bigrams.md
+	$(PY) -m bench.run_all
 
 clean:
 	rm -rf runs data/demo
