@@ -551,6 +551,9 @@ def tile_sizes(requested_block: int, batch: int, heads: int, L: int) -> tuple[in
 class SparseAttention(Mixer):
     """Attention at selected query positions; subclasses choose the positions (`chooser`)."""
 
+    # data-dependent selection and the in-place rotary views do not trace: stays eager under `compile: true`
+    supports_compile = False
+
     def __init__(
         self,
         config,
