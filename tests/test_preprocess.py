@@ -336,7 +336,7 @@ def _wait_for_partial_output(folder: Path, done) -> None:
 
 
 def test_ctrl_c_on_a_two_worker_run_leaves_no_dataset(tmp_path, tiny):
-    src = write_jsonl(tmp_path / "in.jsonl", docs(random_texts(8000, seed=9, words=60)))
+    src = write_jsonl(tmp_path / "in.jsonl", docs(random_texts(40000, seed=9, words=60)))
     cmd = [sys.executable, "-m", "tokenization.preprocess", "--input", str(src), "--output-prefix",
            str(tmp_path / "out" / "p"), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
            tiny["vocab"], "--merge-file", tiny["merges"], "--append-eod", "--workers", "2",
