@@ -33,8 +33,14 @@ def _fmt(v) -> str:
 
 def _target_list(d: dict, label) -> list[tuple]:
     """The common shape: `targets` = [{target, value, met, ...}, ...]."""
-    return [(label(t), t["value"], t["target"], t["met"]) for t in d.get("targets", []) if isinstance(t, dict)
-            and "value" in t]
+    return [(label(t), t["value"], t["target"], t["met"] if "met" in t else t["meets"])
+            for t in d.get("targets", []) if isinstance(t, dict) and "value" in t]
+
+
+def _train_throughput(d):
+    layers = f", every config cut to {d['num_layers_override']} layers" if d.get("num_layers_override") else ""
+    return [(t["target"] + layers, t["value"], f">= {t['threshold']}" if "threshold" in t else None,
+             t["meets"] if "meets" in t else t.get("met")) for t in d.get("targets", []) if "value" in t]
 
 
 def _mixers(d):
@@ -117,7 +123,7 @@ def _cmp(value, target: str | None):
 
 EXTRACTORS = {
     "trainer_overhead": _trainer_overhead,
-    "train_throughput": lambda d: _target_list(d, lambda t: t.get("name") or t["target"]),
+    "train_throughput": _train_throughput,
     "mixers": _mixers,
     "sparse": _sparse,
     "activation_checkpointing": _activation_checkpointing,
