@@ -336,13 +336,16 @@ def _wait_for_partial_output(folder: Path, done) -> None:
 
 
 def test_ctrl_c_on_a_two_worker_run_leaves_no_dataset(tmp_path, tiny):
-    src = write_jsonl(tmp_path / "in.jsonl", docs(random_texts(40000, seed=9, words=60)))
+    src = write_jsonl(tmp_path / "in.jsonl", docs(random_texts(8000, seed=9, words=60)))
     cmd = [sys.executable, "-m", "tokenization.preprocess", "--input", str(src), "--output-prefix",
            str(tmp_path / "out" / "p"), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
            tiny["vocab"], "--merge-file", tiny["merges"], "--append-eod", "--workers", "2",
            "--chunk-mb", "0.02", "--no-progress"]
+    # a shell starts background jobs with SIGINT ignored, and the child would inherit that: restore the
+    # default so the run reacts to Ctrl-C as in a terminal, however the test suite was launched
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_partial_output(tmp_path / "out", lambda: proc.poll() is not None)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     _, err = proc.communicate(timeout=60)
