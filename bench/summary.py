@@ -39,7 +39,7 @@ def _target_list(d: dict, label) -> list[tuple]:
 
 def _train_throughput(d):
     layers = f", every config cut to {d['num_layers_override']} layers" if d.get("num_layers_override") else ""
-    return [(t["target"] + layers, t["value"], f">= {t['threshold']}" if "threshold" in t else None,
+    return [(t["target"] + layers, t["value"], f">= {_fmt(t['threshold'])}" if "threshold" in t else None,
              t["meets"] if "meets" in t else t.get("met")) for t in d.get("targets", []) if "value" in t]
 
 

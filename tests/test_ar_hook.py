@@ -237,6 +237,7 @@ def test_benchmark_reports_the_hook_cost_against_a_plain_validation_pass(tmp_pat
     assert r["target_ratio"] == 1.1 and r["target_met"] == (r["ratio"] <= 1.1)
     assert r["nll_abs_diff_vs_plain"] < 1e-5  # both passes scored the same tokens with the same model
     assert r["tokens_per_pass"] == 8 * 128 and r["host_work_s_min"] > 0
+    assert r["malloc"].startswith("keep (MALLOC_TRIM_THRESHOLD_=")  # measured in a child with the allocator env
 
 
 def test_a_failure_on_the_last_pipeline_stage_does_not_hang_the_other_stage(tiny_raw, tmp_path, capfd):
