@@ -4,12 +4,12 @@
                                      [--seq-len 2048 8192] [--steps 3] [--warmup 1] [--micro-batch 1]
                                      [--checkpoint-activations auto|on|off] [--num-layers N]
                                      [--only-at L=NAME,...] [--tokens zipf|uniform] [--threads N]
-                                     [--out FILE.json] [--md FILE.md]
+                                     [--bf16] [--set KEY=VALUE ...] [--out FILE.json] [--md FILE.md]
 
 Each `--config` is one model (default: the nine 160M configs of the Zoology comparison). Every
 (config, sequence length) runs in a fresh subprocess (a clean memory peak; a crash or a timeout of one
 is reported in its row and the others go on). Inside it, exactly what the training loop does: one
-gloo rank, megatron-core model parallel state, `build_engine` (the DeepSpeed engine with the config's
+rank (gloo on CPU, NCCL on a GPU), megatron-core model parallel state, `build_engine` (the DeepSpeed engine with the config's
 ZeRO stage and the torch AdamW of `make_optimizer`), and `train_step` per optimizer step, on
 synthetic token batches (no dataset, no tokenizer).
 
@@ -18,6 +18,12 @@ CPU override (as `configs/neox/neox_cpu_override.yml` and the paper-config tests
 `max_position_embeddings` = the measured length, micro-batch `--micro-batch` (default 1), no gradient
 accumulation, no tokenizer files (`vocab_size` from the config, else `--vocab`). Everything else
 (shape, mixers, ZeRO stage, optimizer, clipping) is the config's.
+
+On a GPU the same command runs on `cuda:0` (CUDA synchronised around every timed region and every
+breakdown hook); `--bf16` trains in DeepSpeed bf16 as the configs do for GPUs. Each row then also has
+`mfu` (TFLOP/s over the device's dense bf16 peak from `training.metrics.PEAK_BF16_FLOPS`; None for an
+unknown device) and `gpu_peak_mem_bytes` (`torch.cuda.max_memory_allocated` since before the engine
+was built), and the Markdown table shows those.
 
 Measured per row:
 - `tokens_per_s` = micro_batch x L / the median wall time of the `--steps` timed steps, after `--warmup`
@@ -84,8 +90,10 @@ ARCHS = ("attention", "baseconv", "hyena", "h3", "rwkv", "long_conv",
          "baseconv_random", "baseconv_programmatic", "baseconv_learned")
 DEFAULT_CONFIGS = [f"configs/neox/{a}_160m.yml" for a in ARCHS]
 
-TARGET_BASECONV_X_ATTENTION = 1.3
+TARGET_BASECONV_X_ATTENTION = 1.3  # CPU
 TARGET_SPARSE_X_BASECONV = 0.85
+TARGET_BASECONV_X_ATTENTION_GPU = 1.15  # rows measured on a GPU (bf16, 360M configs in the README)
+TARGET_ATTENTION_MFU_GPU = 0.40
 
 # Auto activation checkpointing: an estimate of the peak without it, from the shape alone.
 ACT_FLOATS_PER_CHANNEL = 40
@@ -125,6 +133,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--only-at", action="append", default=[], metavar="L=NAME[,NAME...]",
                    help="at length L run only these configs (file stems, e.g. 8192=attention_160m,baseconv_160m); "
                         "repeatable")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 as configured for GPUs (DeepSpeed bf16) instead of the CPU default fp32")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="extra config override applied to every config (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
@@ -194,7 +204,8 @@ def override_sets(config: str, seq_len: int, ns, checkpoint: bool) -> list[str]:
     """The `--set` overrides that make `config` one CPU measurement at `seq_len`."""
     from neox_zoology.config import load
 
-    base = ["bf16={enabled: false}", "fp16={enabled: false}", "precision=null", "pipe_parallel_size=0",
+    base = [f"bf16={{enabled: {'true' if ns.bf16 else 'false'}}}", "fp16={enabled: false}", "precision=null",
+            "pipe_parallel_size=0",
             f"seq_length={seq_len}", f"max_position_embeddings={seq_len}",
             f"train_micro_batch_size_per_gpu={ns.micro_batch}", "gradient_accumulation_steps=1",
             f"train_batch_size={ns.micro_batch}", "vocab_file=null", "merge_file=null",
@@ -282,9 +293,10 @@ class StepBreakdown:
     recomputed during the backward (activation checkpointing) counts in the backward phase.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, sync=lambda: None):
         from neox_zoology.model.block import ZooBlock
 
+        self.sync = sync  # CUDA: synchronise at every hook, so that each time belongs to its module
         self.phase = "forward"
         self.totals: dict[tuple[str, str], float] = {}
         self.layers: dict[str, int] = {}
@@ -303,11 +315,13 @@ class StepBreakdown:
     def _hook(self, mod, cat):
         def start(kind):
             def f(*_):
+                self.sync()
                 self._start[(id(mod), kind)] = time.perf_counter()
             return f
 
         def stop(kind):
             def f(*_):
+                self.sync()
                 t0 = self._start.pop((id(mod), kind), None)
                 if t0 is not None:
                     key = (self.phase, cat)
@@ -339,7 +353,7 @@ class StepBreakdown:
         return out
 
 
-def instrumented_step(engine, batch, device) -> tuple[float, dict, int]:
+def instrumented_step(engine, batch, device, sync=lambda: None) -> tuple[float, dict, int]:
     """What `train_step` does for the plain engine (one micro-batch), timed per phase, with the bytes
     autograd saved for the backward counted. Returns (loss, breakdown, saved bytes)."""
     import torch
@@ -356,20 +370,25 @@ def instrumented_step(engine, batch, device) -> tuple[float, dict, int]:
             saved[s.data_ptr()] = s.nbytes()
         return t
 
-    bd = StepBreakdown(engine.module)
+    bd = StepBreakdown(engine.module, sync)
     tokens, labels = to_device(batch, device)
     try:
+        sync()
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = engine(tokens)
+            sync()
             t1 = time.perf_counter()
             loss = lm_loss(logits, labels)
+        sync()
         t2 = time.perf_counter()
         saved_bytes = sum(saved.values())
         bd.phase = "backward"
         engine.backward(loss)
+        sync()
         t3 = time.perf_counter()
         engine.step()
+        sync()
         t4 = time.perf_counter()
     finally:
         bd.remove()
@@ -407,11 +426,13 @@ def one(spec: dict) -> dict:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         batches = synthetic_batches(spec["warmup"] + spec["steps"], args.train_micro_batch_size_per_gpu,
                                     args.seq_length, args.vocab_size, spec["tokens"], spec["seed"])
-        psetup.init_distributed("gloo")
+        psetup.init_distributed("nccl" if device.type == "cuda" else "gloo")
         try:
             psetup.init_model_parallel(args.tp, args.pp)
             model_parallel_seed(args.seed)
             gc.collect()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             peak_reset = reset_peak()
             rss_before = rss_bytes()
             t_build = time.perf_counter()
@@ -425,7 +446,7 @@ def one(spec: dict) -> dict:
 
             warm_losses = [step(i) for i in range(spec["warmup"] - 1)]
             set_aux_loss_scale(aux_loss_scale(engine, args))
-            loss, breakdown, saved_bytes = instrumented_step(engine, batches[spec["warmup"] - 1], device)
+            loss, breakdown, saved_bytes = instrumented_step(engine, batches[spec["warmup"] - 1], device, sync)
             warm_losses.append(loss)
             times, cpu_times, losses = [], [], []
             for i in range(spec["warmup"], spec["warmup"] + spec["steps"]):
@@ -437,11 +458,16 @@ def one(spec: dict) -> dict:
                 cpu_times.append(time.process_time() - c0)
             sparse = collect_stats(engine)
             peak = maxrss_bytes()
+            gpu_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
             zero_stage = int(engine.zero_optimization_stage())
             engine_type = type(engine).__name__
         finally:
             psetup.destroy()
 
+    from neox_zoology.training.metrics import device_peak_flops
+
+    peak_flops = device_peak_flops()
     fractions = [v for k, v in sparse.items() if k.endswith("/selected_fraction")]
     step_s = statistics.median(times)
     tokens_per_step = args.train_micro_batch_size_per_gpu * args.seq_length * args.gradient_accumulation_steps
@@ -461,6 +487,9 @@ def one(spec: dict) -> dict:
         "step_s_all": times,
         "tokens_per_s": tokens_per_s,
         "tflops": tokens_per_s * flops_per_token / 1e12,
+        "device": device_name,
+        "mfu": tokens_per_s * flops_per_token / peak_flops if peak_flops else None,
+        "gpu_peak_mem_bytes": gpu_peak,
         "cpu_s": statistics.median(cpu_times),
         "cpu_s_all": cpu_times,
         "tokens_per_cpu_s": tokens_per_step / statistics.median(cpu_times),
@@ -598,14 +627,20 @@ def targets(rows: list[dict]) -> list[dict]:
                 "meets": judge(v, threshold), "value_cpu": vc, "threshold_cpu": tc, "meets_cpu": judge(vc, tc)}
 
     out = []
+    gpu = any(r.get("device", "cpu") != "cpu" for r in rows if "error" not in r)
+    x_attention = TARGET_BASECONV_X_ATTENTION_GPU if gpu else TARGET_BASECONV_X_ATTENTION
     lengths = sorted({r["seq_len"] for r in rows})
+    if gpu:
+        for r in rows:
+            if r.get("kind") == "attention" and r.get("mfu") is not None:
+                out.append(entry(f"{r['name']} MFU >= {TARGET_ATTENTION_MFU_GPU:.0%} at L={r['seq_len']}", r, "mfu",
+                                 TARGET_ATTENTION_MFU_GPU))
     base = {r["seq_len"]: r for r in rows if r.get("kind") == "baseconv"}
     for i, L in enumerate(lengths):
         b = base.get(L)
         if b is None:
             continue
-        out.append(entry(f"{b['name']} tokens/s >= {TARGET_BASECONV_X_ATTENTION}x attention at L={L}", b,
-                         "x_attention", TARGET_BASECONV_X_ATTENTION))
+        out.append(entry(f"{b['name']} tokens/s >= {x_attention}x attention at L={L}", b, "x_attention", x_attention))
         prev = base.get(lengths[i - 1]) if i > 0 else None
         if prev is not None:
             out.append(entry(f"{b['name']} x_attention larger at L={L} than at L={lengths[i - 1]}", b, "x_attention",
@@ -648,8 +683,8 @@ def run(ns) -> dict:
         "num_layers_override": ns.num_layers,
         "only_at": {str(L): names for L, names in ns.only_at.items()},
         "tokens": ns.tokens,
-        "dtype": "fp32",
-        "overrides": "bf16/fp16 off, pipe_parallel_size 0 (plain DeepSpeed engine), seq_length = L, micro-batch "
+        "dtype": "bf16" if ns.bf16 else "fp32",
+        "overrides": f"bf16 {'on' if ns.bf16 else 'off'}, fp16 off, pipe_parallel_size 0 (plain DeepSpeed engine), seq_length = L, micro-batch "
                      "--micro-batch, no gradient accumulation, ZeRO stage and optimizer as configured",
         "checkpoint_activations": decisions,
         "results": rows,
@@ -673,16 +708,23 @@ def _ratio(row: dict, key: str) -> str:
     return f"{row[key]:.2f} ({_fmt(row.get(key + '_cpu'), '.2f')})"
 
 
+def _peak(r: dict, gpu: bool):
+    return r.get("gpu_peak_mem_bytes") if gpu else r["peak_mem_bytes"]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
+    ok = [r for r in result["results"] if "error" not in r]
+    device = ok[0].get("device", "cpu") if ok else "cpu"
+    gpu = device != "cpu"
     lines = [
-        "# Training throughput through the trainer (fp32, CPU)",
+        f"# Training throughput through the trainer ({result['dtype']}, {'CPU' if not gpu else device})",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}"
         f"{', deepspeed ' + m['deepspeed'] if m.get('deepspeed') else ''}; load average (1 min) "
         f"{m.get('loadavg_1min_at_start')} at start, {m.get('loadavg_1min_at_end')} at end. "
         f"Micro-batch {result['micro_batch']}, {result['warmup']} warm-up + {result['steps']} timed steps "
-        f"(median), synthetic {result['tokens']} tokens; `build_engine` + `train_step` on one gloo rank. "
+        f"(median), synthetic {result['tokens']} tokens; `build_engine` + `train_step` on one rank. "
         f"Wall time {result['wall_s']:.0f} s.",
         "",
     ]
@@ -695,20 +737,22 @@ def markdown(result: dict) -> str:
               "(the same for every config at a length).", ""]
     lines += ["Ratios: of tokens/s (wall time), in parentheses of tokens per CPU-second of the process (less "
               "sensitive to other work on the machine).", ""]
+    mfu_col = any(r.get("mfu") is not None for r in ok)
     lines += ["| config | layers | params (M) | train GFLOP/token | L | ckpt | tokens/s | x attention | x baseconv "
-              "| TFLOP/s | peak memory GB | load before/after |",
-              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+              f"| TFLOP/s |{' MFU |' if mfu_col else ''} peak memory GB{' (GPU)' if gpu else ''} | load before/after |",
+              f"|---|---:|---:|---:|---:|---|---:|---:|---:|---:|{'---:|' if mfu_col else ''}---:|---|"]
     for r in result["results"]:
         if "error" in r:
             err = r["error"].splitlines()[0][:120].replace("|", "/")
             lines.append(f"| {r['name']} | {r.get('num_layers', '-')} | - | - | {r['seq_len']} | - | "
-                         f"failed: {err} | - | - | - | - | - |")
+                         f"failed: {err} | - | - | - |{' - |' if mfu_col else ''} - | - |")
             continue
         lines.append(
             f"| {r['name']} | {r['num_layers']} | {r['parameters'] / 1e6:.1f} | {r['flops_per_token'] / 1e9:.3f} | "
             f"{r['seq_len']} | {'on' if r['checkpoint_activations'] else 'off'} | {r['tokens_per_s']:.1f} | "
             f"{_ratio(r, 'x_attention')} | {_ratio(r, 'x_baseconv')} | {r['tflops']:.3f} | "
-            f"{_fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / 1e9, '.2f')} | "
+            + (f"{_fmt(r.get('mfu') and 100 * r['mfu'], '.1f')}% | " if mfu_col else "")
+            + f"{_fmt(_peak(r, gpu) and _peak(r, gpu) / 1e9, '.2f')} | "
             f"{r.get('loadavg_1min_before')}/{r.get('loadavg_1min_after')} |")
     lines += ["", "Time per component of one step (last warm-up step, seconds; per layer in parentheses):", "",
               "| config | L | mixers | MLPs | norms | other (embedding, LM head, loss) | optimizer | step |",

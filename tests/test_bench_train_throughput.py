@@ -71,6 +71,7 @@ def test_smoke_run_reports_rows_ratios_and_a_failed_config(tmp_path):
         assert len(r["cpu_s_all"]) == 1 and r["tokens_per_cpu_s"] == pytest.approx(128 / r["cpu_s"])
         assert r["parameters"] > 0 and r["flops_per_token"] > 0
         assert r["peak_mem_bytes"] > 0 and r["saved_for_backward_bytes"] > 0
+        assert r["device"] == "cpu" and r["mfu"] is None and r["gpu_peak_mem_bytes"] is None  # no device peak on CPU
         assert all(0 < loss < 20 for loss in r["losses"]["warmup"] + r["losses"]["timed"])
         comps = r["breakdown"]["components"]
         mixer = next(k for k in comps if k.startswith("mixer:"))
@@ -96,6 +97,17 @@ def test_smoke_run_reports_rows_ratios_and_a_failed_config(tmp_path):
     assert "| tiny_attention | 2 |" in table and "| tiny_baseconv | 2 |" in table
     assert f"{b['x_attention']:.2f}" in table and "failed: ConfigError" in table
     assert "cut to 2 layers" in table
+    assert table.startswith("# Training throughput through the trainer (fp32, CPU)") and "MFU" not in table
+
+    # the same result as a GPU run would report it: MFU column and the device's peak memory
+    gpu = json.loads(json.dumps(result))
+    for r in gpu["results"]:
+        if "error" not in r:
+            r.update(device="NVIDIA H100 80GB HBM3", mfu=0.412, gpu_peak_mem_bytes=12_345_000_000)
+    gpu["dtype"] = "bf16"
+    gtable = tt.markdown(gpu)
+    assert gtable.startswith("# Training throughput through the trainer (bf16, NVIDIA H100 80GB HBM3)")
+    assert "| MFU | peak memory GB (GPU) |" in gtable and "| 41.2% | 12.35 |" in gtable
 
 
 def test_ratios_and_targets_from_rows():
@@ -117,6 +129,15 @@ def test_ratios_and_targets_from_rows():
                    ("baseconv_160m", 8192, "grow"): False,  # 1.3 at 8192 is not larger than 1.4 at 2048
                    ("baseconv_random_160m", 2048, 0.85): False}
 
+    # measured on a GPU: the GPU thresholds, and attention's MFU is a target of its own
+    gpu = [dict(r, device="NVIDIA H100 80GB HBM3", mfu=0.43 if r["kind"] == "attention" else 0.3)
+           for r in rows if r["seq_len"] == 2048 and "error" not in r]
+    tt.add_ratios(gpu)
+    got = {t["target"]: (t["value"], t["meets"]) for t in tt.targets(gpu)}
+    assert got == {"attention_160m MFU >= 40% at L=2048": (0.43, True),
+                   "baseconv_160m tokens/s >= 1.15x attention at L=2048": (pytest.approx(1.4), True),
+                   "baseconv_random_160m tokens/s >= 0.85x baseconv at L=2048": (pytest.approx(0.8), False)}
+
 
 def test_resampled_depth_keeps_every_type_spread_out():
     learned = ["baseconv"] * 4 + ["sparse_learned"] + ["baseconv"] * 7 + ["sparse_learned"] + ["baseconv"] * 7 + \
@@ -135,7 +156,7 @@ def test_auto_checkpointing_estimate_for_the_24_layer_model():
     """BaseConv 160M at micro-batch 1: fits without checkpointing at 2048, needs it at 8192 (~20 GB of
     activations alone there)."""
     config = "configs/neox/baseconv_160m.yml"
-    ns = argparse.Namespace(micro_batch=1, sets=[], vocab=50257, num_layers=None)
+    ns = argparse.Namespace(micro_batch=1, sets=[], vocab=50257, num_layers=None, bf16=False)
     est = {}
     for L in (2048, 8192):
         args = tt.load_args(config, tt.override_sets(config, L, ns, checkpoint=False))
@@ -164,3 +185,12 @@ def test_bad_options_are_refused():
     assert all("error" not in r for r in rows)
     assert {L: all(r["checkpoint_activations"] == decisions[str(L)]["checkpoint_activations"]
                    for r in rows if r["seq_len"] == L) for L in (2048, 8192)} == {2048: True, 8192: True}
+
+
+def test_bf16_flag_switches_the_override_to_deepspeed_bf16():
+    ns = tt.parse(["--config", str(DEMO), "--seq-len", "128"])
+    assert "bf16={enabled: false}" in tt.override_sets(str(DEMO), 128, ns, False)
+    ns = tt.parse(["--config", str(DEMO), "--seq-len", "128", "--bf16"])
+    sets = tt.override_sets(str(DEMO), 128, ns, False)
+    assert "bf16={enabled: true}" in sets and "fp16={enabled: false}" in sets
+    assert tt.load_args(str(DEMO), sets).dtype_name == "bf16"

@@ -264,3 +264,24 @@ def test_sparse_learned_hybrid_dp2_equals_dp1_with_accumulation_and_logs_its_sta
     assert set(stats) >= {"sparse/layer2/aux_loss", "sparse/layer2/selected_fraction", "sparse/layer4/aux_loss"}
     assert 0.0 < stats["sparse/layer2/selected_fraction"] <= 1.0
     assert "sparse: sparse/layer2/aux_loss=" in (tmp_path / "logs" / "train.log").read_text()
+
+
+def test_peak_flops_by_device_name_and_mfu_arithmetic(monkeypatch):
+    from neox_zoology.training import metrics
+
+    assert metrics.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert metrics.peak_flops_for("NVIDIA H100 PCIe") == 756e12  # the longer key wins over "H100"
+    assert metrics.peak_flops_for("NVIDIA H100 NVL") == 835e12
+    assert metrics.peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
+    assert metrics.peak_flops_for("Some Future GPU") is None
+
+    monkeypatch.setattr(metrics, "device_peak_flops", lambda: 100e12)
+    tp = metrics.Throughput(tokens_per_step=1000, train_flops_per_token=2e9, world_size=4)
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    tp.reset()
+    tp.tick()
+    tp.tick()
+    m = tp.read()  # 2 steps x 1000 tokens in 2 s, 2 GFLOP each, over 4 ranks
+    assert m["tokens_per_s"] == 1000 and m["s_per_step"] == 1.0
+    assert m["tflops_per_rank"] == pytest.approx(0.5) and m["mfu"] == pytest.approx(0.5e12 / 100e12)

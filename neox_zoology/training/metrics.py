@@ -6,9 +6,14 @@ import time
 
 import torch
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
+# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity). The longest name contained
+# in `torch.cuda.get_device_name()` wins ("NVIDIA H100 PCIe" is the PCIe card, "NVIDIA H100 80GB HBM3"
+# the SXM one).
 PEAK_BF16_FLOPS = {
+    "H200 NVL": 835e12,
     "H200": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
     "H100": 989e12,
     "A100": 312e12,
     "A10G": 125e12,
@@ -20,11 +25,13 @@ PEAK_BF16_FLOPS = {
 def device_peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return peak
-    return None
+    return peak_flops_for(torch.cuda.get_device_name())
+
+
+def peak_flops_for(name: str) -> float | None:
+    """Dense bf16 peak of the device called `name`, None when it is not in PEAK_BF16_FLOPS."""
+    found = [key for key in PEAK_BF16_FLOPS if key in name]
+    return PEAK_BF16_FLOPS[max(found, key=len)] if found else None
 
 
 class Throughput:
