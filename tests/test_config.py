@@ -168,3 +168,19 @@ def test_paper_scale_configs_dry_run_within_10_percent(name):
     assert r.returncode == 0, r.stderr
     n = json.loads(r.stdout.strip().splitlines()[-1])["parameters"]
     assert abs(n - paper) / paper < 0.10, n
+
+
+def test_startup_notices_name_what_a_valid_config_does_differently():
+    from neox_zoology.training.loop import startup_notices
+
+    demo = ROOT / "configs" / "neox" / "demo_cpu.yml"
+    base = ["vocab_file=null", "merge_file=null", "vocab_size=512"]
+    h3 = 'attention_config=[[["h3"], "all"]]'
+    assert not any("h3 under" in n for n in startup_notices(load([demo], sets=base + [h3])))  # fp32: nothing
+    notes = startup_notices(load([demo], sets=base + [h3, "bf16={enabled: true}"]))
+    assert any(n.startswith("h3 under bf16: DeepSpeed stores every parameter in bf16") for n in notes)
+    # bf16 without H3 layers: no notice
+    assert not any("h3 under" in n for n in startup_notices(load([demo], sets=base + ["bf16={enabled: true}"])))
+    pipe = startup_notices(load([demo], sets=base + ["pipe_parallel_size=2", "checkpoint_activations=true",
+                                                     "checkpoint_num_layers=2"], world_size=2))
+    assert any(n.startswith("pipeline engine: activation checkpointing per block") for n in pipe)
