@@ -4,8 +4,8 @@
 examples and 3k test examples, 64 epochs, batch 512/512/256/128 by length, lr in logspace(-4, -2, 4),
 2 layers, AdamW (weight decay 0.1), cosine schedule without warm-up.
 
-`cpu`: a reduced sweep sized for about 90 minutes on 2 CPU cores (measured: 11,511 s of cell time, ~96 min
-on 2 workers with two cells slowed by a loaded machine). MQAR's phase transition comes
+`cpu`: a reduced sweep sized for about 90 minutes on 2 CPU cores (measured: 13,343 s of cell time, ~111 min
+on 2 workers, with two cells slowed 3-5x by a loaded machine; ~90 min of cell time per worker quiet). MQAR's phase transition comes
 much sooner with a small vocabulary, so: vocabulary V = L + 32 (the smallest round size above L),
 lengths 32/64/128 with L/16 pairs, widths 64/128/256, a fresh batch every step (no fixed training
 set to memorise), attention, BaseConv, Hyena and two BaseConv hybrids (layer 2 full attention /

@@ -363,7 +363,7 @@ def plot_sweep(data: dict, path) -> None:
 
     cfg = data["config"]
     lengths = cfg["lengths"]
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.9), sharey=True, squeeze=False)
     tab = table(data)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^vP*X"
@@ -387,17 +387,19 @@ def plot_sweep(data: dict, path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR test accuracy")
-    if data.get("solved_below"):
-        fig.text(0.01, 0.01, "hollow: not run, the mixer reached the target at a smaller width", fontsize=7)
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes[0][1:]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
+    # legend and note in a band below the panels, where they cannot cover a data point
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     if handles:
-        axes[0][-1].legend(handles, labels, fontsize=8, loc="lower right")
-    fig.tight_layout()
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(handles), frameon=False,
+                   bbox_to_anchor=(0.5, 0.03))
+    if data.get("solved_below"):
+        fig.text(0.01, 0.005, "hollow: not run, the mixer reached the target at a smaller width", fontsize=7)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
