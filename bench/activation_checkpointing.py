@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
+from bench.common import cores, emit, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ["configs/neox/attention_360m.yml", "configs/neox/baseconv_360m.yml"]
@@ -231,11 +231,7 @@ def main(argv=None):
         print(json.dumps(interleaved(ns, ns._interleaved[0], int(ns._interleaved[1]))))
         return None
     result = run(ns)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(text + "\n")
+    emit(result, ns.out)
     return result
 
 

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import loadavg, machine
+from bench.common import emit, loadavg, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "neox" / "demo_cpu.yml"
@@ -208,11 +208,7 @@ def main(argv=None) -> dict:
     with contextlib.redirect_stdout(sys.stderr):
         result = run(ns)
     result["machine"]["loadavg_1min_at_start"] = load_start
-    text = json.dumps(result, indent=2)
-    if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(text + "\n")
-    print(text)
+    emit(result, ns.out)
     return result
 
 

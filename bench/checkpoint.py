@@ -16,7 +16,6 @@ stdout carries only the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine
+from bench.common import cores, emit, loadavg, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "neox" / "attention_360m.yml"
@@ -152,11 +151,7 @@ def run(ns) -> dict:
 def main(argv=None) -> dict:
     ns = parse(argv)
     result = run(ns)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(text + "\n")
+    emit(result, ns.out)
     return result
 
 

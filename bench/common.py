@@ -1,6 +1,7 @@
-"""What every benchmark reports about the machine it ran on."""
+"""What every benchmark reports about the machine it ran on, and how it hands over its result."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -32,17 +33,22 @@ def _proc_field(path: str, key: str) -> str | None:
     return None
 
 
+def mem_total_bytes() -> int | None:
+    """Physical memory (Linux /proc/meminfo), None where unknown."""
+    mem = _proc_field("/proc/meminfo", "MemTotal")
+    return int(mem.split()[0]) * 1024 if mem else None
+
+
 def machine(threads: int) -> dict:
     """CPU model, cores, memory, software versions and the load average (noise indicator)."""
     import torch
 
-    mem = _proc_field("/proc/meminfo", "MemTotal")
     out = {
         "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
         "cores": cores(),
         "logical_cpus": os.cpu_count(),
         "threads": threads,
-        "mem_total_bytes": int(mem.split()[0]) * 1024 if mem else None,
+        "mem_total_bytes": mem_total_bytes(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -81,3 +87,14 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def emit(result: dict, out: str | None = None, md: str | None = None, markdown=None) -> None:
+    """Hand over a benchmark's result: the JSON to `out` (when given), `markdown(result)` to `md` (when
+    given), and the JSON on stdout, the only thing a benchmark prints there."""
+    text = json.dumps(result, indent=1)
+    for path, content in ((out, text + "\n"), (md, markdown(result) if md else None)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(content)
+    print(text, flush=True)

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine
+from bench.common import cores, emit, loadavg, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,11 +209,7 @@ def main(argv=None) -> dict:
         print(json.dumps(r), flush=True)
         return r
     result = run_benchmark(ns)
-    text = json.dumps(result, indent=1)
-    if ns.out:
-        os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
-        Path(ns.out).write_text(text + "\n")
-    print(text, flush=True)
+    emit(result, ns.out)
     return result
 
 

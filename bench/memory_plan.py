@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
+from bench.common import cores, emit, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/neox/demo_cpu.yml"
@@ -201,11 +201,7 @@ def main(argv=None):
 
     with stdout_to_stderr():  # DeepSpeed prints on stdout; stdout carries the JSON only
         result = run(ns)
-    text = json.dumps(result, indent=1)
-    print(text, flush=True)
-    if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(text + "\n")
+    emit(result, ns.out)
     return result
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
+from bench.common import cores, emit, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,8 +146,6 @@ def parse(argv=None) -> argparse.Namespace:
     return ns
 
 
-
-
 def measure(variant: str, *, batch: int, hidden: int, heads: int, L: int, repeats: int, warmup: int,
             mem: bool) -> dict:
     """Build one mixer, run warmup + repeats forward+backward steps; times (and memory if `mem`)."""
@@ -157,7 +154,6 @@ def measure(variant: str, *, batch: int, hidden: int, heads: int, L: int, repeat
     import torch
 
     from neox_zoology import build_mixer
-
     from neox_zoology.parallel import ColumnLinear, RowLinear
 
     name, kwargs = spec_of(variant)
@@ -511,14 +507,7 @@ def main(argv=None) -> dict:
         print(json.dumps(_one(ns)), flush=True)
         return {}
     result = merge(ns.merge) if ns.merge else run_benchmark(ns)
-    text = json.dumps(result, indent=2)
-    if ns.out:
-        os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
-        Path(ns.out).write_text(text + "\n")
-    if ns.md:
-        os.makedirs(os.path.dirname(os.path.abspath(ns.md)), exist_ok=True)
-        Path(ns.md).write_text(markdown(result))
-    print(text, flush=True)
+    emit(result, ns.out, ns.md, markdown)
     return result
 
 

@@ -38,7 +38,7 @@ import time
 import warnings
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine
+from bench.common import cores, emit, loadavg, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "tokenizers"
@@ -226,14 +226,7 @@ def main(argv=None) -> dict:
     ns = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run_benchmark(ns)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(text + "\n")
-    if ns.md:
-        Path(ns.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.md).write_text(markdown(result))
+    emit(result, ns.out, ns.md, markdown)
     return result
 
 

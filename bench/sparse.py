@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
+from bench.common import cores, emit, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("attention", "sparse_random", "sparse_programmatic", "sparse_learned")
@@ -314,12 +313,7 @@ def main(argv=None) -> dict:
                                  budget=ns.budget, repeats=ns.repeats, warmup=ns.warmup, mem=True)), flush=True)
         return {}
     result = run_benchmark(ns)
-    text = json.dumps(result, indent=2)
-    for path, content in ((ns.out, text + "\n"), (ns.md, markdown(result) if ns.md else None)):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            Path(path).write_text(content)
-    print(text, flush=True)
+    emit(result, ns.out, ns.md, markdown)
     return result
 
 

@@ -83,7 +83,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
+from bench.common import cores, emit, loadavg, machine, maxrss_bytes, mem_total_bytes, reset_peak, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("attention", "baseconv", "hyena", "h3", "rwkv", "long_conv",
@@ -253,16 +253,6 @@ def estimated_peak_bytes(args, params: int, micro_batch: int, checkpoint: bool) 
         act += 4 * tokens * args.hidden_size * args.num_layers  # each block's input
     logits = 4 * tokens * args.padded_vocab_size * LOGIT_COPIES
     return int(STATE_BYTES_PER_PARAM * params + act + logits)
-
-
-def machine_mem_total() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # ------------------------------------------------------------------------------------ one measurement
@@ -550,7 +540,7 @@ def plan(ns) -> tuple[list[dict], dict]:
             except Exception as exc:  # noqa: BLE001 - a bad config is a failed row, not a failed run
                 info.update(kind="other", error=f"{type(exc).__name__}: {exc}")
             infos[config] = info
-        total = machine_mem_total()
+        total = mem_total_bytes()
         worst = max((e[0] for e in estimates.values()), default=0)
         if ns.checkpoint_activations == "auto":
             ckpt = bool(total) and worst > MEMORY_FRACTION * total
@@ -789,12 +779,7 @@ def main(argv=None):
         return None
     with stdout_to_stderr():
         result = run(ns)
-    text = json.dumps(result, indent=1)
-    for path, content in ((ns.out, text + "\n"), (ns.md, markdown(result) if ns.md else None)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(content)
-    print(text, flush=True)
+    emit(result, ns.out, ns.md, markdown)
     return result
 
 

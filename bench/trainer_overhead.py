@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import socket
 import statistics
@@ -35,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, loadavg, machine
+from bench.common import cores, emit, loadavg, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "neox" / "demo_cpu.yml"
@@ -261,11 +260,7 @@ def main(argv=None) -> dict:
     ns = parse(argv)
     with stdout_to_stderr():
         result = run_benchmark(ns)
-    text = json.dumps(result, indent=2)
-    if ns.out:
-        os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
-        Path(ns.out).write_text(text + "\n")
-    print(text, flush=True)
+    emit(result, ns.out)
     return result
 
 

@@ -111,3 +111,28 @@ def gather_tp_grad(p):
     parts = [torch.empty_like(g) for _ in range(torch.distributed.get_world_size(group))]
     torch.distributed.all_gather(parts, g, group=group)
     return torch.cat(parts, dim=p.partition_dim)
+
+
+def model_grads(rank, raw, tp: int, masked: bool = False):
+    """In a forked rank: the whole model of `raw` at TP size `tp`, one forward+backward of the LM loss on a
+    seeded batch (with a random loss mask when `masked`). Returns (loss, {name: full gradient}, the type
+    name of what the model returned)."""
+    import torch
+
+    from neox_zoology.config import build_args
+    from neox_zoology.model.gpt import SequentialGPT, lm_loss
+    from neox_zoology.training.engine import model_config
+    from neox_zoology.training.loop import resolve_vocab
+
+    init_tp(tp)
+    args = build_args(raw, world_size=tp)
+    resolve_vocab(args)
+    model = SequentialGPT(args, model_config(args))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (2, args.seq_length), generator=g)
+    labels = torch.randint(0, args.vocab_size, (2, args.seq_length), generator=g)
+    mask = (torch.rand(2, args.seq_length, generator=g) > 0.25).float() if masked else torch.ones(labels.shape)
+    out = model(tokens)
+    loss = lm_loss(out, (labels, mask))
+    loss.backward()
+    return float(loss), {n: gather_tp_grad(p) for n, p in model.named_parameters()}, type(out).__name__

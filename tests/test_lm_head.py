@@ -7,7 +7,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dist import gather_tp_grad, init_tp, run_ranks
+from dist import init_tp, model_grads, run_ranks
 from neox_zoology.config import ConfigError, build_args
 from neox_zoology.model.gpt import lm_loss, token_nll
 from neox_zoology.model.lm_head import HeadInput, head_input
@@ -241,33 +241,15 @@ def test_tp2_equals_tp1_and_megatron_vocab_parallel_cross_entropy(chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _model_grads(rank, raw, tp):
-    from neox_zoology.model.gpt import SequentialGPT
-    from neox_zoology.training.engine import model_config
-    from neox_zoology.training.loop import resolve_vocab
-
-    init_tp(tp)
-    args = build_args(raw, world_size=tp)
-    resolve_vocab(args)
-    model = SequentialGPT(args, model_config(args))
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, args.vocab_size, (2, args.seq_length), generator=g)
-    labels = torch.randint(0, args.vocab_size, (2, args.seq_length), generator=g)
-    mask = (torch.rand(2, args.seq_length, generator=g) > 0.25).float()
-    out = model(tokens)
-    assert isinstance(out, HeadInput) == (args.lm_head_chunk_tokens > 0)
-    loss = lm_loss(out, (labels, mask))
-    loss.backward()
-    return float(loss), {n: gather_tp_grad(p) for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_model_with_chunked_head_under_tp2_equals_unchunked_tp1(tiny_raw, tied):
     raw = tiny_raw(vocab_size=512, no_weight_tying=not tied, hidden_dropout=0.0)
-    (loss1, g1), = run_ranks(_model_grads, 1, raw, 1)
-    (loss_c, g_c), = run_ranks(_model_grads, 1, {**raw, "lm_head_chunk_tokens": 24}, 1)
-    tp2 = run_ranks(_model_grads, 2, {**raw, "lm_head_chunk_tokens": 24}, 2)
-    for loss, grads in [(loss_c, g_c), *tp2]:
+    (loss1, g1, out1), = run_ranks(model_grads, 1, raw, 1, True)
+    chunked = {**raw, "lm_head_chunk_tokens": 24}
+    (loss_c, g_c, out_c), = run_ranks(model_grads, 1, chunked, 1, True)
+    tp2 = run_ranks(model_grads, 2, chunked, 2, True)
+    assert out1 == "Tensor" and out_c == HeadInput.__name__  # whole logits vs the chunked head's input
+    for loss, grads, _ in [(loss_c, g_c, out_c), *tp2]:
         assert loss == pytest.approx(loss1, abs=1e-6)
         assert grads.keys() == g1.keys()
         for name in g1:

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import ROOT, SHARED
-from dist import gather_tp_grad, init_tp, run_ranks
+from dist import init_tp, model_grads, run_ranks
 from neox_zoology.config import build_args, load
 
 
@@ -31,30 +31,13 @@ def losses(summary):
 # ----------------------------------------------------------------------------- tensor parallel
 
 
-def _model_grads(rank, raw, tp):
-    from neox_zoology.model.gpt import SequentialGPT, lm_loss
-    from neox_zoology.training.engine import model_config
-    from neox_zoology.training.loop import resolve_vocab
-
-    init_tp(tp)
-    args = build_args(raw, world_size=tp)
-    resolve_vocab(args)
-    model = SequentialGPT(args, model_config(args))
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, args.vocab_size, (2, args.seq_length), generator=g)
-    labels = torch.randint(0, args.vocab_size, (2, args.seq_length), generator=g)
-    loss = lm_loss(model(tokens), (labels, torch.ones_like(labels)))
-    loss.backward()
-    return float(loss), {n: gather_tp_grad(p) for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("layers", [["attention"], ["baseconv"], ["baseconv", "attention"]])
 @pytest.mark.parametrize("tied", [True, False])
 def test_tp2_equals_tp1_loss_and_gradients(tiny_raw, layers, tied):
     raw = tiny_raw(attention_config=[[layers, "all"]], vocab_size=512, no_weight_tying=not tied,
                    baseconv={"kernel_sizes": [3, -1]})
-    (loss1, g1), = run_ranks(_model_grads, 1, raw, 1)
-    for loss2, g2 in run_ranks(_model_grads, 2, raw, 2):
+    (loss1, g1, _), = run_ranks(model_grads, 1, raw, 1)
+    for loss2, g2, _ in run_ranks(model_grads, 2, raw, 2):
         assert loss2 == pytest.approx(loss1, abs=1e-6)
         assert g1.keys() == g2.keys()
         for name in g1:

@@ -62,7 +62,9 @@ class FusedNormMixin:
     dtype, and no torch.compile trace is running; otherwise torch's norm runs.
     """
 
-    fused: bool = False
+    def __init__(self, hidden_size: int, eps: float, fused: bool = False):
+        super().__init__(hidden_size, eps=eps)
+        self.fused = fused
 
     def use_fused(self, x: torch.Tensor) -> bool:
         return (self.fused and x.is_cuda and x.dtype == self.weight.dtype
@@ -71,10 +73,6 @@ class FusedNormMixin:
 
 class LayerNorm(FusedNormMixin, nn.LayerNorm):
     """torch.nn.LayerNorm (parameters `weight`, `bias`); apex's FusedLayerNorm kernel on CUDA inputs."""
-
-    def __init__(self, hidden_size: int, eps: float, fused: bool = False):
-        super().__init__(hidden_size, eps=eps)
-        self.fused = fused
 
     def forward(self, x):
         if self.use_fused(x):
@@ -85,10 +83,6 @@ class LayerNorm(FusedNormMixin, nn.LayerNorm):
 
 class RMSNorm(FusedNormMixin, nn.RMSNorm):
     """torch.nn.RMSNorm (parameter `weight`); apex's FusedRMSNorm kernel on CUDA inputs."""
-
-    def __init__(self, hidden_size: int, eps: float, fused: bool = False):
-        super().__init__(hidden_size, eps=eps)
-        self.fused = fused
 
     def forward(self, x):
         if self.use_fused(x):
