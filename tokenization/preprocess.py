@@ -475,15 +475,7 @@ def _ordered_results(tasks: Iterator[_Chunk | _Skip], spec: _Spec, workers: int)
     from concurrent.futures.process import BrokenProcessPool
 
     def result(item):
-        if isinstance(item, dict):
-            return item
-        try:
-            return item.result()
-        except BrokenProcessPool as exc:
-            # e.g. the kernel's out-of-memory killer; concurrent.futures notices, a Pool would hang
-            raise RuntimeError(f"a preprocessing worker process died ({exc}); the run stopped and "
-                               "wrote no dataset: run it again, with fewer --workers if memory is "
-                               "short") from None
+        return item if isinstance(item, dict) else item.result()
 
     # spawn, not fork: the parent has imported torch (through megatron-core) and may hold threads.
     executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -498,6 +490,12 @@ def _ordered_results(tasks: Iterator[_Chunk | _Skip], spec: _Spec, workers: int)
         while pending:
             yield result(pending.popleft())
         finished = True
+    except BrokenProcessPool as exc:
+        # e.g. the kernel's out-of-memory killer; concurrent.futures notices (a Pool would hang), in
+        # the result of a submitted chunk or, once the pool is marked broken, in the next submit
+        raise RuntimeError(f"a preprocessing worker process died ({exc}); the run stopped and "
+                           "wrote no dataset: run it again, with fewer --workers if memory is "
+                           "short") from None
     finally:
         # On an error or Ctrl-C: drop queued chunks; workers end after the chunk they hold.
         executor.shutdown(wait=finished, cancel_futures=not finished)
