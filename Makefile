@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test bench gpu-kit gpu-check clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
 	touch $(STAMP)
 
 # Builds the demo corpus + tokenizer when missing, then trains on 2 CPU ranks.
@@ -28,16 +28,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
-# On a CUDA machine, with this package's dependencies in $(PYTHON)'s environment (its CUDA torch, then
-# `pip install -e '.[dev]'`): the CUDA-only tests (every fast path against the portable code) and the
-# GPU throughput targets at the 360M configs, bf16, L 2048, micro-batch 8.
-GPU_CONFIGS := attention baseconv baseconv_random baseconv_programmatic baseconv_learned
+# The device kit (needs PyPI): wheels for a GPU machine with no network (Python 3.12, manylinux x86-64) in
+# .gpu-kit/, with MANIFEST.json, resolved offline against scripts/gpu_device_packages.txt (scripts/gpu_kit.py).
+gpu-kit: $(STAMP)
+	$(PY) scripts/gpu_kit.py --out .gpu-kit
+
+# On a CUDA machine: installs .gpu-kit (when present) into $(PYTHON), the interpreter holding its CUDA torch,
+# then runs bench.gpu_check: the CUDA-only tests, every layer type in bf16 through the trainer, the 360M
+# bf16 throughput targets with profiles, the memory plan against measured peaks, an MQAR slice.
+# GPU_CHECK_ARGS=--smoke for the two-minute variant. Output: $$OUT, else bench/results/gpu.
 gpu-check:
-	$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device visible to torch')"
-	$(PYTHON) -m pytest -q tests/test_fast_paths.py
-	$(PYTHON) -m bench.train_throughput --bf16 --seq-len 2048 --micro-batch 8 --warmup 3 --steps 10 \
-	    $(foreach c,$(GPU_CONFIGS),--config configs/neox/$(c)_360m.yml) \
-	    --out bench/results/train_throughput_gpu.json --md bench/results/train_throughput_gpu.md
+	PYTHON=$(PYTHON) scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs data/demo

@@ -1,4 +1,5 @@
-"""One Markdown table of every benchmark's headline figures, read from `bench/results/*.json`.
+"""One Markdown table of every benchmark's headline figures, read from `bench/results/*.json` and
+`bench/results/gpu/*.json` (what `make gpu-check` measured on a GPU).
 
     python -m bench.summary [--results bench/results] [--out bench/results/SUMMARY.md]
 
@@ -139,7 +140,7 @@ EXTRACTORS = {
 def collect(results: Path) -> list[dict]:
     """One entry per results JSON (sorted by the EXTRACTORS order), with its rows."""
     out = []
-    files = sorted(results.glob("*.json"))
+    files = sorted(results.glob("*.json")) + sorted(results.glob("gpu/*.json"))  # gpu/: make gpu-check
     for path in files:
         try:
             d = json.loads(path.read_text())
@@ -154,7 +155,7 @@ def collect(results: Path) -> list[dict]:
         except (KeyError, TypeError, ValueError) as e:
             rows, err = [], f"unexpected JSON layout: {type(e).__name__}: {e}"
         m = d.get("machine") or {}
-        out.append({"file": path.name, "benchmark": d["benchmark"], "rows": rows, "error": err,
+        out.append({"file": str(path.relative_to(results)), "benchmark": d["benchmark"], "rows": rows, "error": err,
                     "machine": f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}"
                                + (f", {m['gpu']}" if m.get("gpu") else ""),
                     "load": (m.get("loadavg_1min_at_start", d.get("loadavg_1min_at_start")),

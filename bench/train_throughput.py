@@ -140,6 +140,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic batches (default 0)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per (config, length) run (default 1800)")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="after the timed steps, profile 2 more steps per row with torch.profiler and append the "
+                        "table of the most expensive kernels to FILE")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON here")
     p.add_argument("--md", default=None, metavar="FILE", help="also write a Markdown table here")
     p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
@@ -387,6 +390,25 @@ def instrumented_step(engine, batch, device, sync=lambda: None) -> tuple[float, 
     return float(loss.detach()), bd.report(wall), saved_bytes
 
 
+def profile_steps(step, n: int, device, path: str, label: str, rows: int = 30) -> None:
+    """Run `step(i)` for i < n under torch.profiler and append the table of the operators with the most
+    device time (CPU time on a CPU) to `path`, headed by `label`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(n):
+            step(i)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    with open(path, "a") as f:
+        f.write(f"## {label}: {n} training steps, sorted by {key}\n\n{table}\n\n")
+
+
 def one(spec: dict) -> dict:
     """One (config, length) measurement in this (fresh) process."""
     import gc
@@ -449,6 +471,13 @@ def one(spec: dict) -> dict:
             sparse = collect_stats(engine)
             peak = maxrss_bytes()
             gpu_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            gpu_reserved = torch.cuda.max_memory_reserved() if device.type == "cuda" else None
+            gpu_used = (lambda free, total: total - free)(*torch.cuda.mem_get_info()) if device.type == "cuda" else None
+            if spec.get("profile"):
+                base = len(batches)
+                batches += synthetic_batches(2, args.train_micro_batch_size_per_gpu, args.seq_length, args.vocab_size,
+                                             spec["tokens"], spec["seed"] + 1)
+                profile_steps(lambda i: step(base + i), 2, device, spec["profile"], spec.get("label", spec["config"]))
             device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
             zero_stage = int(engine.zero_optimization_stage())
             engine_type = type(engine).__name__
@@ -480,6 +509,8 @@ def one(spec: dict) -> dict:
         "device": device_name,
         "mfu": tokens_per_s * flops_per_token / peak_flops if peak_flops else None,
         "gpu_peak_mem_bytes": gpu_peak,
+        "gpu_peak_reserved_bytes": gpu_reserved,
+        "gpu_device_used_bytes": gpu_used,
         "cpu_s": statistics.median(cpu_times),
         "cpu_s_all": cpu_times,
         "tokens_per_cpu_s": tokens_per_step / statistics.median(cpu_times),
@@ -570,7 +601,9 @@ def _forward_flops(args) -> float:
 
 def run_row(info: dict, ns) -> dict:
     spec = {"config": info["config"], "sets": info["sets"], "steps": ns.steps, "warmup": ns.warmup,
-            "tokens": ns.tokens, "seed": ns.seed, "threads": ns.threads}
+            "tokens": ns.tokens, "seed": ns.seed, "threads": ns.threads,
+            "profile": str(Path(ns.profile).resolve()) if ns.profile else None,
+            "label": f"{info['name']} L={info['seq_len']}"}
     cmd = [sys.executable, "-m", "bench.train_throughput", "--_one", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
@@ -657,6 +690,11 @@ def run(ns) -> dict:
         info.pop("sets")
         msg = info.get("error") or f"{info['tokens_per_s']:.1f} tokens/s, {info['step_s']:.2f} s/step"
         print(f"bench.train_throughput:   {msg} ({info['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+        if ns.out:  # what is measured so far, in case the whole run is stopped (replaced at the end)
+            done = [r for r in rows if "wall_s" in r or "error" in r]
+            Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(ns.out).write_text(json.dumps({"benchmark": "train_throughput", "partial": True, "results": done,
+                                                "targets": []}, indent=1) + "\n")
     add_ratios(rows)
     tgts = targets(rows)
     decided = [t["meets"] for t in tgts if t["meets"] is not None]

@@ -42,6 +42,7 @@ def parse(argv=None):
     s.add_argument("--plot", default=None, help="PNG (default: beside --out)")
     s.add_argument("--workers", type=int, default=1, help="processes, one cell each")
     s.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    s.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto (CUDA when available; default cpu)")
     s.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -69,6 +70,7 @@ def sweep_config(ns) -> dict:
         cfg["train_examples"] = 0
     if ns.batch_size:
         cfg["batch_size"] = ns.batch_size
+    cfg["device"] = ns.device
     return cfg
 
 

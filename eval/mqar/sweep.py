@@ -56,14 +56,26 @@ def by_length(cfg: dict, key: str, seq_len: int) -> int:
     return int(v)
 
 
+def run_device(cfg: dict) -> torch.device:
+    """`device` of the sweep: "cpu", "cuda[:N]", or "auto" (CUDA when available, else the CPU; default "cpu")."""
+    name = cfg.get("device") or "cpu"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def train_one(cfg: dict, pattern: str, seq_len: int, kv: int, d: int, lr: float, log=None) -> dict:
-    """Train one run; returns its test accuracy history and the final accuracy."""
+    """Train one run; returns its test accuracy history and the final accuracy. Batches are generated on
+    the CPU (numpy) and moved to the run's device (`run_device`)."""
     from eval.mqar.model import MQARModel, parse_pattern
+
+    device = run_device(cfg)
 
     vocab = by_length(cfg, "vocab_size", seq_len)
     data = MQARConfig(vocab, seq_len, kv, cfg["power_a"])
     bs = by_length(cfg, "batch_size", seq_len)
-    test_x, test_y = (torch.from_numpy(a) for a in generate(data, cfg["test_examples"], [cfg["test_seed"], seq_len]))
+    test_x, test_y = (torch.from_numpy(a).to(device)
+                      for a in generate(data, cfg["test_examples"], [cfg["test_seed"], seq_len]))
     fixed = cfg.get("train_examples") or 0
     if fixed:
         train_x, train_y = generate(data, fixed, [cfg["train_seed"], seq_len])
@@ -73,7 +85,7 @@ def train_one(cfg: dict, pattern: str, seq_len: int, kv: int, d: int, lr: float,
         total = by_length(cfg, "steps", seq_len)
     torch.manual_seed(cfg["train_seed"])
     model = MQARModel(parse_pattern(pattern, cfg["num_layers"]), vocab, d, seq_len, cfg.get("mixer_args") or {},
-                      position_embeddings=pattern in cfg.get("position_embeddings", ()))
+                      position_embeddings=pattern in cfg.get("position_embeddings", ())).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
@@ -91,6 +103,7 @@ def train_one(cfg: dict, pattern: str, seq_len: int, kv: int, d: int, lr: float,
             x, y = torch.from_numpy(train_x[idx]), torch.from_numpy(train_y[idx])
         else:
             x, y = (torch.from_numpy(a) for a in generate(data, bs, [cfg["train_seed"], seq_len, step]))
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         model.train()
         logits, targets = model(x, y)
         loss = torch.nn.functional.cross_entropy(logits, targets)
@@ -111,7 +124,7 @@ def train_one(cfg: dict, pattern: str, seq_len: int, kv: int, d: int, lr: float,
             if target is not None and acc >= target:
                 break
     return {"lr": lr, "accuracy": history[-1][1] if history else 0.0, "history": history, "steps": history[-1][0] if history else 0,
-            "train_loss": loss_value, "seconds": round(time.perf_counter() - t0, 1)}
+            "train_loss": loss_value, "seconds": round(time.perf_counter() - t0, 1), "device": str(device)}
 
 
 @torch.no_grad()
