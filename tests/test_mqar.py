@@ -151,6 +151,16 @@ def test_attention_learns_a_small_mqar_task():
     assert r["accuracy"] >= 0.95, r["history"]
 
 
+def test_runs_train_on_the_configured_device_and_say_which(tmp_path):
+    from eval.mqar.sweep import run_device, train_one
+
+    assert run_device({}) == torch.device("cpu")
+    assert run_device({"device": "auto"}) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = {**configs.get("smoke"), "steps": 2, "eval_every": 2, "test_examples": 8, "device": "auto"}
+    r = train_one(cfg, "baseconv", 16, 2, 16, 3e-3)
+    assert r["device"] == str(run_device(cfg)) and r["steps"] == 2
+
+
 def test_sweep_cli_smoke(tmp_path, capsys):
     from eval.mqar.__main__ import main
 
