@@ -106,8 +106,12 @@ def _compile(d):
 
 
 def _checkpoint(d):
-    return [("checkpoint save / plain torch.save", d["save_ratio"], None, None),
+    rows = [("checkpoint save / plain torch.save", d["save_ratio"], None, None),
             ("checkpoint load / plain torch.load", d["load_ratio"], None, None)]
+    if "manifest_cost" in d:
+        rows.append(("checkpoint manifest: save time with / without - 1", d["manifest_cost"], "<= 0.1",
+                     d["manifest_cost"] <= 0.1))
+    return rows
 
 
 def _cmp(value, target: str | None):

@@ -58,6 +58,7 @@ def run(ns) -> dict:
     from neox_zoology.data import BatchIterator, build_datasets
     from neox_zoology.parallel import setup as psetup
     from neox_zoology.parallel.cpu_compat import model_parallel_seed
+    from eval.ar_slice import ARSliceError
     from neox_zoology.training import checkpoint
     from neox_zoology.training.engine import build_engine
     from neox_zoology.training.loop import load_tokenizer, resolve_vocab
@@ -71,6 +72,18 @@ def run(ns) -> dict:
     args.ar_eval = section
     _validate_ar_eval(args, lambda k: "--bigram-counts/--iters/--threshold/--reference or the config")
     save_dir, tag = resolve_checkpoint(ns.load, ns.iteration)
+    tokenizer = load_tokenizer(args)
+    resolve_vocab(args, tokenizer)
+    ckpt = Path(save_dir, tag)
+    now = checkpoint.topology(args)  # evaluation loads weights only: TP and PP must match
+    saved = checkpoint.read_checkpoint_json(ckpt / "configs" / "topology.json", "the parallel layout it was saved with")
+    if (saved.get("tensor_parallel"), saved.get("pipe_parallel")) != (now["tensor_parallel"],
+                                                                      now["pipe_parallel"]):
+        raise ARSliceError(f"--load {ckpt}: saved with tensor_parallel {saved.get('tensor_parallel')}, pipe_parallel "
+                           f"{saved.get('pipe_parallel')}; run the evaluation with that layout (model_parallel_size, "
+                           f"pipe_parallel_size and as many ranks)")
+    for notice in checkpoint.check_model(args, ckpt, finetune=False, what="--load"):
+        print(f"note: {notice}", file=sys.stderr)
 
     if "RANK" not in os.environ:  # run without a launcher: a 1-rank group on a free port
         import socket
@@ -82,8 +95,7 @@ def run(ns) -> dict:
     topo = psetup.init_model_parallel(args.tp, args.pp)
     try:
         model_parallel_seed(args.seed)
-        tokenizer = load_tokenizer(args)
-        resolve_vocab(args, tokenizer)
+        checkpoint.verified_tag(save_dir, tag, fallback=False, log=print, select=checkpoint.model_files_only)
         engine = build_engine(args, topo)
         checkpoint.weights_only_loading(engine.checkpoint_engine)  # as in training: no code in the files
         path, client = engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=False,
@@ -113,10 +125,11 @@ def main(argv=None) -> int:
     ns = parse(argv)
     from eval.ar_slice import ARSliceError
     from neox_zoology.config import ConfigError
+    from neox_zoology.training.checkpoint import CheckpointError
 
     try:
         run(ns)
-    except (ConfigError, ARSliceError) as exc:
+    except (ConfigError, ARSliceError, CheckpointError) as exc:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -105,6 +105,14 @@ class Args:
     # ---- checkpoints, evaluation, logging ----
     save: str | None = _doc("checkpoint directory", None)
     load: str | None = _doc("checkpoint directory to resume from (latest tag)", None)
+    finetune: bool = _doc(
+        "load only the model weights from `load` and start at iteration 0 with a fresh optimizer and schedule "
+        "(GPT-NeoX's meaning); changes that keep every parameter's shape are allowed and listed", False)
+    load_fallback: bool = _doc(
+        "if the checkpoint `latest` names fails verification, load the newest older one that verifies (said "
+        "loudly) instead of stopping", False)
+    overwrite_checkpoints: bool = _doc(
+        "let a run write into a `save` folder that holds checkpoints it did not load from", False)
     checkpoint_factor: int | None = _doc("save every N iterations", None)
     extra_save_iters: list | None = _doc("extra iterations to save at", None)
     keep_last_n_checkpoints: int | None = _doc("prune older complete checkpoints", None)
@@ -285,7 +293,7 @@ NEOX_NO_EFFECT = {
     "override_lr_scheduler", "short_seq_prob", "eval_tasks", "sparsity_config", "opt_pos_emb_offset",
     "apply_query_key_layer_scaling", "attention_softmax_in_fp32", "rpe_num_buckets", "rpe_max_distance",
     "gmlp_attn_dim", "adlr_autoresume", "adlr_autoresume_interval", "onnx_safe", "comment",
-    "finetune", "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng", "zero_stage",
+    "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng", "zero_stage",
     "zero_reduce_scatter", "zero_contiguous_gradients", "zero_reduce_bucket_size",
     "zero_allgather_bucket_size", "amp", "autotuning", "flops_profiler", "comms_logger",
     "sequence_parallel", "num_kv_heads", "curriculum_learning", "loss_scale", "loss_scale_window",

@@ -18,13 +18,60 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 
 class DatasetTokenizer:
-    """The few tokenizer facts megatron-core's GPTDataset reads (eod/pad ids, cache identity)."""
+    """The few tokenizer facts megatron-core's GPTDataset reads (eod/pad ids, cache identity).
 
-    def __init__(self, tokenizer):
+    megatron-core names its cached sample indices by a hash of these `unique_identifiers`; adding each
+    dataset's content identity (`content_identity`) there means a dataset rebuilt at the same prefix
+    never reuses the indices of the old one."""
+
+    def __init__(self, tokenizer, prefixes=()):
         self.eod = tokenizer.eod
         self.pad = tokenizer.pad  # equal to eod -> megatron-core substitutes -1 (nothing is masked)
         self.vocab_size = tokenizer.vocab_size
         self.unique_identifiers = dict(tokenizer.unique_identifiers)
+        self.unique_identifiers["datasets"] = {p: content_identity(p) for p in prefixes}
+
+
+def content_identity(prefix: str) -> str:
+    """Size and modification time of a dataset's .idx and .bin: changes whenever the pair is rewritten."""
+    out = []
+    for ext in (".idx", ".bin"):
+        st = Path(prefix + ext).stat()
+        out.append(f"{ext[1:]} {st.st_size} bytes mtime {st.st_mtime_ns}")
+    return ", ".join(out)
+
+
+def data_prefixes(args) -> list[str]:
+    if args.data_path:
+        return [args.data_path]
+    return [p for key in ("train_data_paths", "valid_data_paths", "test_data_paths") for p in getattr(args, key) or []]
+
+
+def check_data_identity(args, tokenizer) -> list[str]:
+    """Refuse a dataset whose recorded tokenizer (tokenization.preprocess writes `<prefix>.json`) is not
+    the run's (ConfigError naming both); returns notices for datasets without a record."""
+    from neox_zoology.config import ConfigError
+    from tokenization.bigrams import BigramCountsError, dataset_tokenizer, identity_id, same_tokenizer
+    from tokenization.preprocess import tokenizer_identity
+
+    if tokenizer is None:
+        return []
+    mine, notices = tokenizer_identity(tokenizer), []
+    for prefix in dict.fromkeys(data_prefixes(args)):
+        try:
+            record = dataset_tokenizer(prefix)
+        except BigramCountsError as exc:
+            raise ConfigError(str(exc)) from None
+        if record is None:
+            notices.append(f"{prefix}: no tokenizer record ({prefix}.json), so its tokenizer cannot be checked "
+                           f"against {identity_id(mine)}")
+        elif not same_tokenizer(record, mine):
+            raise ConfigError(
+                f"{prefix} was tokenized by {identity_id(record)} (vocabulary {record.get('vocab_size')}, files "
+                f"{record.get('files')}) but this run's tokenizer is {identity_id(mine)} (vocabulary "
+                f"{mine['vocab_size']}, {args.tokenizer_type} {args.vocab_file}): the token ids mean other text. "
+                f"Use the tokenizer that made the data, or tokenize the data again with this one")
+    return notices
 
 
 @dataclass
@@ -136,7 +183,7 @@ def build_datasets(args, tokenizer, eval_runs: int) -> Splits:
     common = dict(
         random_seed=args.seed,
         sequence_length=args.seq_length,
-        tokenizer=DatasetTokenizer(tokenizer),
+        tokenizer=DatasetTokenizer(tokenizer, data_prefixes(args)),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=args.eod_mask_loss,
@@ -144,9 +191,9 @@ def build_datasets(args, tokenizer, eval_runs: int) -> Splits:
         path_to_cache=cache,
         mmap_bin_files=True,
     )
-    for prefix in [args.data_path] if args.data_path else [
-            p for key in ("train_data_paths", "valid_data_paths", "test_data_paths") for p in getattr(args, key) or []]:
+    for prefix in data_prefixes(args):
         check_indexed_dataset(prefix, tokenizer.vocab_size if tokenizer is not None else args.vocab_size)
+    check_data_identity(args, tokenizer)
     if args.data_path:
         check_split(args)
         config = GPTDatasetConfig(blend=([args.data_path], None), split=args.split, **common)

@@ -211,6 +211,9 @@ def test_standalone_cli_evaluates_a_saved_checkpoint(tiny_raw, bigram_file, tmp_
 
     states = Path(ckpt) / "mp_rank_00_model_states.pt"
     torch.save({**torch.load(states, weights_only=True), "note": _Payload(tmp_path / "executed")}, states)
+    assert run_ranks(_cli, 1, argv) == [2]  # the manifest catches the changed file before anything reads it
+    assert "mp_rank_00_model_states.pt is" in capfd.readouterr().err
+    (Path(ckpt) / "manifest.json").unlink()  # as a checkpoint saved without one
     with pytest.raises(AssertionError, match="mp_rank_00_model_states.pt: refused to load: the file references io.open"):
         run_ranks(_cli, 1, argv)
     assert not (tmp_path / "executed").exists()

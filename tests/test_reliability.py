@@ -133,6 +133,9 @@ def test_checkpoint_files_are_loaded_weights_only(tiny_raw, tmp_path):
     payload = torch.load(states, weights_only=True)  # what we wrote loads with weights_only
     payload["iteration_note"] = _Payload(tmp_path / "executed")
     torch.save(payload, states)
+    with pytest.raises(AssertionError, match=r"mp_rank_00_model_states.pt is \d+ bytes, the manifest says"):
+        train({**raw, "train_iters": 3, "load": str(tmp_path / "c")}, 1)  # the manifest catches the change first
+    (tmp_path / "c" / "global_step2" / "manifest.json").unlink()  # as a checkpoint saved without one
     with pytest.raises(AssertionError, match=r"mp_rank_00_model_states.pt: refused to load: the file references io.open"):
         train({**raw, "train_iters": 3, "load": str(tmp_path / "c")}, 1)
     assert not (tmp_path / "executed").exists()
@@ -142,7 +145,7 @@ def test_resume_with_another_dp_size_is_exact_without_zero_and_refused_with_it(t
     from neox_zoology.config import ConfigError  # noqa: F401  (the error type the message comes from)
 
     raw = tiny_raw(train_iters=4, checkpoint_factor=2, zero_optimization={"stage": 0}, save=str(tmp_path / "z0"))
-    straight = train(raw, 2)[0]
+    straight = train({**raw, "save": str(tmp_path / "straight")}, 2)[0]
     dp2 = train({**raw, "train_iters": 2, "lr_decay_iters": 4}, 2)[0]
     # the same global batch on one rank: gradient accumulation 2 instead of DP 2
     dp1 = train({**raw, "gradient_accumulation_steps": 2, "load": str(tmp_path / "z0"), "save": None}, 1)[0]

@@ -737,6 +737,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        if Path(args.out).is_dir():
+            raise BigramCountsError(f"--out {args.out} is a folder; give the counts file to write, e.g. "
+                                    f"{Path(args.out) / 'bigrams.npz'}")
         given = None
         if args.tokenizer_type:
             from tokenization.preprocess import tokenizer_identity
@@ -759,6 +762,8 @@ def main(argv: list[str] | None = None) -> None:
         save_bigram_counts(args.out, counts)
     except (BigramCountsError, ValueError) as exc:
         sys.exit(f"bigrams: error: {exc}")
+    except OSError as exc:
+        sys.exit(f"bigrams: error: cannot write {args.out}: {exc.strerror or exc}")
     seconds = time.perf_counter() - start
     seen = int((counts.counts > 0).sum())
     print(f"{counts.keys.size:,} distinct evaluation bigrams from {counts.eval_tokens:,} tokens "

@@ -167,4 +167,15 @@ def build_tokenizer(
                 f"{key} {str(path)!r} for tokenizer_type {tokenizer_type!r} does not exist: "
                 "fix the path"
             )
-    return cls(**files)
+    try:
+        return cls(**files)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the backends raise bare Exceptions on a file of another kind
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        shown = ", ".join(f"{key} {path}" for key, path in files.items())
+        raise ValueError(
+            f"tokenizer_type {tokenizer_type!r} cannot read {shown} ({first}); check that the file is what "
+            f"this tokenizer_type reads (GPT2BPETokenizer: gpt2-vocab.json + gpt2-merges.txt, HFTokenizer: a "
+            f"tokenizer .json, SPMTokenizer: a SentencePiece .model)"
+        ) from None

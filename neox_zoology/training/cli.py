@@ -66,19 +66,29 @@ def main(argv=None) -> int:
         world = dry_run_world_size(ns) if ns.dry_run else None
         args = load(ns.configs, ns.override, ns.sets, world_size=world)
         check_paths(args, need_data=not ns.dry_run)
+        from neox_zoology.training.loop import preflight
+
+        _, plan = preflight(args, launch=not ns.dry_run)  # the same checks again inside the run, per rank
         if ns.dry_run:
             from neox_zoology.training import dryrun
 
+            for notice in plan.notices:
+                print(f"note: {notice}")
             return dryrun.main(args)
     except ConfigError as exc:
         _report(str(exc))
         return 2
+    from neox_zoology.training.checkpoint import CheckpointError
     from neox_zoology.training.loop import EXIT_PREEMPTED, EXIT_NONFINITE, NonFiniteError, run
 
     try:
         summary = run(args, summary_path=ns.summary_json)
-    except ConfigError as exc:  # vocabulary / tokenizer problems found after start-up
+    except ConfigError as exc:  # problems only a started run can see (e.g. an older checkpoint's model)
         _report(str(exc))
+        return 2
+    except CheckpointError as exc:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"checkpoint error: {exc}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteError as exc:
         if os.environ.get("LOCAL_RANK", "0") == "0":

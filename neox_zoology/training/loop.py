@@ -38,9 +38,29 @@ def resolve_vocab(args, tokenizer=None) -> None:
 
 
 def load_tokenizer(args):
+    """The run's tokenizer; a file that is missing or of another kind is a ConfigError naming it."""
     from tokenization.tokenizer import build_tokenizer
 
-    return build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    try:
+        return build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    except ValueError as exc:
+        where = args.sources.get("vocab_file") or args.sources.get("tokenizer_type") or "config"
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def preflight(args, launch: bool):
+    """What can be checked from the files before any process starts: the tokenizer loads (a launch needs
+    one; a dry run loads it when vocab_file is set), the vocabulary resolves, the resume rules hold
+    (checkpoint.resume_plan) and, for a launch, every dataset was made with this tokenizer. Returns
+    (tokenizer or None, the resume plan); raises ConfigError."""
+    from neox_zoology.data import check_data_identity
+
+    tokenizer = load_tokenizer(args) if launch or args.vocab_file else None
+    resolve_vocab(args, tokenizer)
+    plan = checkpoint.resume_plan(args)
+    if launch:
+        check_data_identity(args, tokenizer)
+    return tokenizer, plan
 
 
 def is_pipe(engine) -> bool:
@@ -171,9 +191,8 @@ def run(args, summary_path: str | None = None) -> dict:
     preemption = Preemption()
     try:
         model_parallel_seed(args.seed)
-        tokenizer = load_tokenizer(args)
-        resolve_vocab(args, tokenizer)
-        for notice in startup_notices(args):
+        tokenizer, plan = preflight(args, launch=True)
+        for notice in startup_notices(args) + plan.notices:
             log.info(notice)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         engine = build_engine(args, topo)
@@ -181,9 +200,10 @@ def run(args, summary_path: str | None = None) -> dict:
             removed = checkpoint.remove_incomplete(args.save) if os.path.isdir(args.save) else []
             if removed:
                 log.info(f"removed interrupted checkpoint saves: {', '.join(removed)}")
-        start = checkpoint.load(engine, args.load, args) if args.load else 0
-        if start:
-            log.info(f"resumed from {args.load} at iteration {start}")
+        start = checkpoint.load(engine, args.load, args, log=log.info) if plan.tag else 0
+        loaded = checkpoint.loaded_path(engine) if plan.tag else None
+        if plan.tag:
+            log.info(f"{'finetuning from' if args.finetune else 'resumed from'} {loaded} at iteration {start}")
 
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
@@ -230,8 +250,8 @@ def run(args, summary_path: str | None = None) -> dict:
                     raise NonFiniteError(
                         f"{in_a_row} consecutive steps (up to iteration {step}) had non-finite "
                         f"gradients (max_nonfinite_steps: {args.max_nonfinite_steps}); stopped without saving, so "
-                        f"the last good checkpoint is {last_ckpt or 'the one loaded at start'}. Lower lr, check "
-                        f"the data around these steps, or resume from that checkpoint"
+                        f"the last verified checkpoint is {checkpoint.last_verified(args, last_ckpt, loaded)}. Lower "
+                        f"lr, check the data around these steps, or resume from that checkpoint"
                     )
             else:
                 in_a_row = 0
