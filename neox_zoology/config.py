@@ -67,6 +67,13 @@ def _num(x) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+def _looks_numeric(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 # ---------------------------------------------------------------- the schema
 
 
@@ -107,17 +114,17 @@ class Rule:
         elif self.kind == "bool":
             text = "true or false (unquoted)"
         elif self.kind in ("int", "float"):
-            noun = "integer" if self.kind == "int" else "number"
+            a_noun = "an integer" if self.kind == "int" else "a number"
             lo, lo_in = (self.ge, True) if self.ge is not None else (self.gt, False)
             hi, hi_in = (self.le, True) if self.le is not None else (self.lt, False)
             if lo is not None and hi is not None:
-                text = f"a{'n' if noun[0] == 'i' else ''} {noun} in {'[' if lo_in else '('}{_num(lo)}, {_num(hi)}{']' if hi_in else ')'}"
+                text = f"{a_noun} in {'[' if lo_in else '('}{_num(lo)}, {_num(hi)}{']' if hi_in else ')'}"
             elif lo == 0:
-                text = f"a {'non-negative' if lo_in else 'positive'} {noun}"
+                text = f"a {'non-negative' if lo_in else 'positive'} {a_noun.split()[1]}"
             elif lo is not None:
-                text = f"a{'n' if noun[0] == 'i' else ''} {noun} {'>=' if lo_in else '>'} {_num(lo)}"
+                text = f"{a_noun} {'>=' if lo_in else '>'} {_num(lo)}"
             else:
-                text = f"a{'n' if noun[0] == 'i' else ''} {noun}"
+                text = a_noun
         elif self.kind == "list":
             text = f"a list of {self.length} entries" if self.length else "a list"
             if self.items is not None:
@@ -131,7 +138,11 @@ class Rule:
         return text + (" or null" if self.null and self.only is UNSET else "")
 
     def fail(self, name: str, value, where: str) -> ConfigError:
-        hint = f" ({self.hint})" if self.hint else ""
+        notes = [self.hint] if self.hint else []
+        if self.kind in ("int", "float") and isinstance(value, str) and _looks_numeric(value):
+            notes.append("YAML read it as text: write numbers unquoted, with a decimal point before an exponent, "
+                         "e.g. 6.0e-4")
+        hint = f" ({'; '.join(notes)})" if notes else ""
         if self.only is not UNSET:
             return ConfigError(f"{where}: {name}: {_show(value)}; only {_show(self.only)} is supported here{hint}")
         return ConfigError(f"{where}: {name}: {_show(value)}; use {self.expect()}{hint}")
@@ -176,8 +187,9 @@ class Rule:
             if not match:
                 close = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1)
                 did = f" (did you mean {close[0]}?)" if close else ""
+                hint = f" ({self.hint})" if self.hint else ""
                 raise ConfigError(f"{where}: {name}: {_show(value)} is not supported{did}; use one of "
-                                  f"{', '.join(map(str, self.choices))}")
+                                  f"{', '.join(map(str, self.choices))}{hint}")
             value = match[0]
         if self.only is not UNSET and value != self.only:
             raise self.fail(name, value, where)
@@ -194,14 +206,15 @@ class Section:
 
     A key with no default stays absent (the consumer's own default applies, e.g. DeepSpeed's).
     `refused` keys are GPT-NeoX/DeepSpeed keys this stack does not implement, with the reason;
-    `neox_only` keys are GPT-NeoX markers that are not passed on to DeepSpeed.
+    `not_forwarded` keys (GPT-NeoX's own markers, switches accepted only where they do nothing) are not
+    passed on to DeepSpeed.
     """
 
     name: str
     keys: dict
     example: str
     refused: dict = field(default_factory=dict)
-    neox_only: frozenset = frozenset()
+    not_forwarded: frozenset = frozenset()
 
     def check(self, value: dict, name: str, where: str) -> dict:
         out = {}
@@ -218,8 +231,8 @@ class Section:
             if key in out:
                 continue
             if rule.required:
-                raise ConfigError(f"{where}: {name}.{key} is missing; set it to {rule.expect()}, e.g. "
-                                  f"{name}: {self.example}")
+                hint = f" ({rule.hint})" if rule.hint else ""
+                raise ConfigError(f"{where}: {name}.{key} is missing; set it to {rule.expect()}{hint}")
             if rule.default is not UNSET:
                 out[key] = copy.deepcopy(rule.default)
         return out
@@ -229,8 +242,8 @@ class Section:
         return self.check(value or {}, self.name, "defaults")
 
     def for_deepspeed(self, value: dict) -> dict:
-        """The section as DeepSpeed's config takes it (GPT-NeoX-only markers removed)."""
-        return {k: v for k, v in value.items() if k not in self.neox_only}
+        """The section as DeepSpeed's config takes it (without the `not_forwarded` keys)."""
+        return {k: v for k, v in value.items() if k not in self.not_forwarded}
 
 
 def _split_problem(text: str) -> str | None:
@@ -265,8 +278,8 @@ def _nonempty(text: str) -> str | None:
     return None if text.strip() else "give a directory (or null for none)"
 
 
-_OFFLOAD_WHY = ("ZeRO-Offload steps DeepSpeed's CPU Adam in place of this stack's torch AdamW (DeepSpeed refuses "
-                "the pair); remove the key or turn it off")
+_OFFLOAD_WHY = ("ZeRO-Offload steps DeepSpeed's CPU Adam in place of this stack's torch AdamW, and DeepSpeed "
+                "refuses the pair; remove the key or turn it off")
 
 
 def _no_offload(section: dict) -> str | None:
@@ -285,7 +298,7 @@ OPTIMIZER_PARAMS = Section(
         "bias_correction": Rule("bool", only=True, hint="Adam's bias correction is always applied"),
         "amsgrad": Rule("bool", only=False, hint="GPT-NeoX's FusedAdam has no AMSGrad either"),
     },
-    example="{type: Adam, params: {lr: 6.0e-4, betas: [0.9, 0.95], eps: 1.0e-8}}",
+    example="{lr: 6.0e-4, betas: [0.9, 0.95], eps: 1.0e-8}",
     refused={
         "weight_decay": "GPT-NeoX takes weight decay only from the top-level key weight_decay (it passes that "
                         "to the optimizer beside these params, which refuses a second one); set weight_decay "
@@ -326,6 +339,8 @@ ZERO = Section(
     example="{stage: 1, overlap_comm: true, contiguous_gradients: true}",
     refused={**{k: "a ZeRO stage-3 setting; this stack supports stages 0-2" for k in _STAGE3},
              "cpu_offload_param": _OFFLOAD_WHY, "cpu_offload_use_pin_memory": _OFFLOAD_WHY},
+    # DeepSpeed refuses its deprecated cpu_offload beside offload_optimizer, even when false
+    not_forwarded=frozenset({"cpu_offload"}),
 )
 FP16 = Section(
     "fp16",
@@ -343,7 +358,7 @@ FP16 = Section(
     },
     example="{enabled: true, loss_scale: 0, loss_scale_window: 1000, hysteresis: 2, min_loss_scale: 1}",
     refused={"fp16_master_weights_and_grads": "needs DeepSpeed's CPU Adam; this stack steps a torch AdamW"},
-    neox_only=frozenset({"fp16", "type"}),
+    not_forwarded=frozenset({"fp16", "type"}),
 )
 BF16 = Section(
     "bf16",
@@ -440,7 +455,8 @@ class Args:
                       null=True)
     bf16: dict = _doc("{enabled: bool}: DeepSpeed bf16 (FFTs still run in fp32)", factory=BF16.normalized,
                       section=BF16, null=True)
-    precision: str | None = _doc("NeoX shorthand: fp32 | fp16 | bfloat16", None, choices=("fp32", "fp16", "bfloat16"))
+    precision: str | None = _doc("NeoX shorthand: fp32 | fp16 | bfloat16", None, choices=("fp32", "fp16", "bfloat16"),
+                                 hint="GPT-NeoX spells bf16 bfloat16")
     seed: int = _doc("random seed", 1234, ge=0, le=2**32 - 1, hint="numpy's seed range; it orders the data")
     # ---- data ----
     data_path: str | None = _doc("one .bin/.idx prefix, split by `split`", None)
