@@ -441,10 +441,12 @@ class Args:
     # ---- optimisation ----
     optimizer: dict = _doc("{type: Adam|AdamW, params: {lr, betas, eps}}",
                            factory=lambda: OPTIMIZER.normalized({"params": {"lr": 6e-4}}), section=OPTIMIZER)
-    weight_decay: float = _doc("AdamW-style decoupled weight decay (not on biases and norms)", 0.01, ge=0)
+    weight_decay: float = _doc("AdamW-style decoupled weight decay (not on biases and norms); GPT-NeoX's default",
+                               0.1, ge=0)
     min_lr: float = _doc("floor of the LR schedule", 0.0, ge=0)
     warmup: float = _doc("warm-up as a fraction of lr_decay_iters", 0.01, ge=0, le=1)
-    lr_decay_style: str = _doc("cosine | linear | constant", "cosine", choices=("cosine", "linear", "constant"))
+    lr_decay_style: str = _doc("cosine | linear | constant (GPT-NeoX's default: linear)", "linear",
+                               choices=("cosine", "linear", "constant"))
     lr_decay_iters: int | None = _doc("iterations of the decay (default train_iters)", None, gt=0)
     train_iters: int = _doc("optimizer steps", 1000, gt=0)
     train_micro_batch_size_per_gpu: int = _doc("sequences per rank per micro step", 4, gt=0)
@@ -643,6 +645,12 @@ NEOX_NO_EFFECT = {
     "weighted_sampler_alpha",
 }
 
+
+def _off(v) -> bool:
+    """A DeepSpeed feature section that is absent or disabled."""
+    return not v or (isinstance(v, dict) and v.get("enabled") is False)
+
+
 # GPT-NeoX keys that have no effect here only at their GPT-NeoX default; any other value would change the
 # numbers, so it is refused with the reason.
 NEOX_NO_EFFECT_ONLY_AT_DEFAULT = {
@@ -653,8 +661,11 @@ NEOX_NO_EFFECT_ONLY_AT_DEFAULT = {
                                   "DeepSpeed's gradient pre-division is not passed on here"),
     "opt_pos_emb_offset": (lambda v: v is None or (not isinstance(v, bool) and v == 0),
                            "OPT's learned-position offset is not implemented"),
-    "curriculum_learning": (lambda v: not v or (isinstance(v, dict) and v.get("enabled") is False),
-                            "curriculum learning is not implemented"),
+    "curriculum_learning": (_off, "DeepSpeed's curriculum learning is not implemented here"),
+    "data_efficiency": (_off, "DeepSpeed's data efficiency sampling is not implemented here"),
+    "amp": (_off, "apex AMP is not implemented here (use bf16)"),
+    "elasticity": (_off, "DeepSpeed's elastic batch sizing is not implemented here"),
+    "autotuning": (_off, "DeepSpeed's autotuning is not implemented here"),
 }
 
 # NeoX values that mean the same as ours.

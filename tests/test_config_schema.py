@@ -156,6 +156,9 @@ FAULTS = [
     ("neox-gqa", {"num_kv_heads": 2}, "num_kv_heads: 2; grouped-query attention is not implemented"),
     ("neox-doc-weights", {"weight_by_num_documents": True},
      "weight_by_num_documents: true; weighting datasets by document count is not implemented"),
+    ("neox-amp", {"amp": {"enabled": True}}, "amp: {'enabled': True}; apex AMP is not implemented here (use bf16)"),
+    ("neox-predivide", {"gradient_predivide_factor": 2.0},
+     "gradient_predivide_factor: 2.0; DeepSpeed's gradient pre-division is not passed on here"),
 ]
 
 
@@ -217,6 +220,20 @@ def test_section_defaults_are_filled_and_names_normalised():
     assert args.zero_optimization == {"stage": 1, "reduce_bucket_size": 1000}
     assert args.ar_eval == AR_EVAL_DEFAULTS
     assert isinstance(args.lr, float) and args.lr == 3.0
+
+
+def test_defaults_a_neox_config_may_leave_out_are_gpt_neoxs():
+    """GPT-NeoX's megatron/neox_arguments: weight_decay 0.1, lr_decay_style linear, warmup 0.01, min_lr 0,
+    seed 1234, split '969, 30, 1', dropout 0, gradient_clipping 1.0; NeoX keys that would change the numbers
+    are accepted at their defaults (and listed as having no effect)."""
+    args = build_args(BASE, world_size=1)
+    assert (args.weight_decay, args.lr_decay_style, args.warmup, args.min_lr, args.seed, args.split) == (
+        0.1, "linear", 0.01, 0.0, 1234, "969, 30, 1")
+    assert (args.hidden_dropout, args.attention_dropout, args.gradient_clipping) == (0.0, 0.0, 1.0)
+    accepted = build_args({**BASE, "amp": {"enabled": False}, "num_kv_heads": 4, "weight_by_num_documents": False,
+                           "gradient_predivide_factor": 1.0}, world_size=1)
+    assert sorted(accepted.ignored_keys) == ["amp", "gradient_predivide_factor", "num_kv_heads",
+                                             "weight_by_num_documents"]
 
 
 @pytest.mark.parametrize("fragment,dtype", [
