@@ -373,7 +373,7 @@ AR_EVAL = Section(
     "ar_eval",
     {
         "enabled": Rule("bool", default=False),
-        "iters": Rule("int", gt=0, default=10, hint="validation batches (global batches) per evaluation"),
+        "iters": Rule("int", gt=0, default=10, hint="global validation batches per evaluation"),
         "threshold": Rule("int", ge=0, default=1250,
                           hint="an AR hit's bigram occurred at most this many times in training"),
         "bigram_counts": Rule("str", null=True, default=None, hint=".npz of training bigram counts"),

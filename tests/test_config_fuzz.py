@@ -204,6 +204,15 @@ def launchable(draw, data_prefix: str, out_dir: str):
         "pipe_parallel_size": pick([0, 0, 1]),
         "eval_iters": pick([0, 1]),
         "eval_interval": 1,
+        "checkpoint_activations": maybe(),
+        "checkpoint_num_layers": pick([1, 4]),
+        "lm_head_chunk_tokens": pick([0, 1, 7]),
+        "rotary_pct": pick([0, 0.25, 1]),
+        "gpt_j_residual": maybe(),
+        "no_weight_tying": maybe(),
+        "eod_mask_loss": maybe(),
+        "make_vocab_size_divisible_by": pick([1, 128]),
+        "init_method": pick(["normal", "small_init"]),
     }
     if maybe():
         over["split"] = pick(["90,10,0", "90/10/0", " 90 , 10 ", "9,1", "100", "0.75,0.25,0"])
