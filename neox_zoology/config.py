@@ -6,18 +6,23 @@ Rules (GPT-NeoX's, so its configs load unmodified):
   layer type per layer, the pattern repeated over `count` layers; `count: "all"` means num_layers;
 - deliberate overrides come after the files: `--override FILE` (may replace keys) and `--set key=value`.
 
+The schema is written once, next to the fields: every `Args` field carries a `Rule` (type from its
+annotation, range, choices, nested `Section` of allowed keys) and every nested section (`optimizer`,
+`zero_optimization`, `fp16`, `bf16`, `ar_eval`) is a `Section` table of rules with its defaults.
 Everything is validated before any process group starts. A problem is reported as one `ConfigError`
 line naming the file, key, value and the fix; `train.py` prints it and exits non-zero.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -27,83 +32,456 @@ from neox_zoology import registry
 MAX_LAYERS = 100_000
 """Sanity bound: the layer pattern is expanded to a list of num_layers entries before anything else."""
 
+MISSING = dataclasses.MISSING
+
+
+class _Unset:
+    """Marks a Rule without a default / without a single implemented value."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user (one line)."""
 
 
-def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+def normalize_key(key: str) -> str:
+    return str(key).replace("-", "_")
+
+
+def _show(value) -> str:
+    """A value as the user wrote it in YAML (strings quoted, so `'false'` is visibly not `false`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Type and range of one config value.
+
+    kind: int | float | bool | str | list | dict | any (top-level keys take it from their annotation).
+    A bool is never a number and a string is never a bool; an int is accepted for a float; numbers
+    are finite. `only` is the one value this stack implements (anything else is refused with `hint`
+    as the reason); `writable` marks a directory the run writes (checked by `check_paths`).
+    """
+
+    kind: str = "any"
+    null: bool = False
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple = ()
+    casefold: bool = False
+    items: Rule | None = None
+    length: int | None = None
+    section: Section | None = None
+    only: Any = UNSET
+    default: Any = UNSET
+    required: bool = False
+    writable: bool = False
+    parse: Callable[[Any], str | None] | None = None
+    hint: str = ""
+
+    def expect(self) -> str:
+        """What a valid value is, as the fix in a message ("a number in [0, 1)")."""
+        if self.only is not UNSET:
+            text = _show(self.only)
+        elif self.choices:
+            text = "one of " + ", ".join(map(str, self.choices))
+        elif self.kind == "bool":
+            text = "true or false (unquoted)"
+        elif self.kind in ("int", "float"):
+            a_noun = "an integer" if self.kind == "int" else "a number"
+            lo, lo_in = (self.ge, True) if self.ge is not None else (self.gt, False)
+            hi, hi_in = (self.le, True) if self.le is not None else (self.lt, False)
+            if lo is not None and hi is not None:
+                text = f"{a_noun} in {'[' if lo_in else '('}{_num(lo)}, {_num(hi)}{']' if hi_in else ')'}"
+            elif lo == 0:
+                text = f"a {'non-negative' if lo_in else 'positive'} {a_noun.split()[1]}"
+            elif lo is not None:
+                text = f"{a_noun} {'>=' if lo_in else '>'} {_num(lo)}"
+            else:
+                text = a_noun
+        elif self.kind == "list":
+            text = f"a list of {self.length} entries" if self.length else "a list"
+            if self.items is not None:
+                text += f", each {self.items.expect()}"
+        elif self.kind == "dict":
+            text = f"a mapping, e.g. {self.section.example}" if self.section else "a mapping"
+        elif self.kind == "str":
+            text = "a path" if self.writable else "a string"
+        else:
+            text = "a value"
+        return text + (" or null" if self.null and self.only is UNSET else "")
+
+    def fail(self, name: str, value, where: str) -> ConfigError:
+        notes = [self.hint] if self.hint else []
+        if self.kind in ("int", "float") and isinstance(value, str) and _looks_numeric(value):
+            notes.append("YAML read it as text: write numbers unquoted, with a decimal point before an exponent, "
+                         "e.g. 6.0e-4")
+        hint = f" ({'; '.join(notes)})" if notes else ""
+        if self.only is not UNSET:
+            return ConfigError(f"{where}: {name}: {_show(value)}; only {_show(self.only)} is supported here{hint}")
+        return ConfigError(f"{where}: {name}: {_show(value)}; use {self.expect()}{hint}")
+
+    def check(self, value, name: str, where: str):
+        """The value, type-checked, range-checked and normalised (int -> float, section defaults filled)."""
+        if value is None:
+            if self.section is not None and self.null:
+                return self.section.check({}, name, where)
+            if self.null or self.kind == "any":
+                return None
+            raise self.fail(name, value, where)
+        kind = self.kind
+        if kind == "bool" and not isinstance(value, bool):
+            raise self.fail(name, value, where)
+        if kind in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, int if kind == "int" else (int, float)):
+                raise self.fail(name, value, where)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise self.fail(name, value, where)
+            value = float(value) if kind == "float" else value
+            if ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt)):
+                raise self.fail(name, value, where)
+        if kind == "str" and not isinstance(value, str):
+            raise self.fail(name, value, where)
+        if kind == "list":
+            if not isinstance(value, (list, tuple)) or (self.length is not None and len(value) != self.length):
+                raise self.fail(name, value, where)
+            if self.items is not None:
+                value = [self.items.check(v, f"{name}[{i}]", where) for i, v in enumerate(value)]
+            else:
+                value = list(value)
+        if kind == "dict":
+            if not isinstance(value, dict):
+                raise self.fail(name, value, where)
+            if self.section is not None:
+                value = self.section.check(value, name, where)
+        if self.choices:
+            match = [c for c in self.choices
+                     if c == value or (self.casefold and isinstance(value, str) and c.lower() == value.lower())]
+            if not match:
+                close = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1)
+                did = f" (did you mean {close[0]}?)" if close else ""
+                hint = f" ({self.hint})" if self.hint else ""
+                raise ConfigError(f"{where}: {name}: {_show(value)} is not supported{did}; use one of "
+                                  f"{', '.join(map(str, self.choices))}{hint}")
+            value = match[0]
+        if self.only is not UNSET and value != self.only:
+            raise self.fail(name, value, where)
+        if self.parse is not None:
+            problem = self.parse(value)
+            if problem:
+                raise ConfigError(f"{where}: {name}: {_show(value)}; {problem}")
+        return value
+
+
+@dataclass(frozen=True)
+class Section:
+    """The allowed keys of a nested mapping, each with its `Rule` (and default, where it has one).
+
+    A key with no default stays absent (the consumer's own default applies, e.g. DeepSpeed's).
+    `refused` keys are GPT-NeoX/DeepSpeed keys this stack does not implement, with the reason;
+    `not_forwarded` keys (GPT-NeoX's own markers, switches accepted only where they do nothing) are not
+    passed on to DeepSpeed.
+    """
+
+    name: str
+    keys: dict
+    example: str
+    refused: dict = field(default_factory=dict)
+    not_forwarded: frozenset = frozenset()
+
+    def check(self, value: dict, name: str, where: str) -> dict:
+        out = {}
+        for raw_key, v in value.items():
+            key = normalize_key(raw_key)
+            if key in self.refused:
+                raise ConfigError(f"{where}: {name}.{key}: {_show(v)}; {self.refused[key]}")
+            if key not in self.keys:
+                close = difflib.get_close_matches(key, list(self.keys), n=1)
+                did = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigError(f"{where}: {name}.{key}: unknown key{did} (valid: {', '.join(self.keys)})")
+            out[key] = self.keys[key].check(v, f"{name}.{key}", where)
+        for key, rule in self.keys.items():
+            if key in out:
+                continue
+            if rule.required:
+                hint = f" ({rule.hint})" if rule.hint else ""
+                raise ConfigError(f"{where}: {name}.{key} is missing; set it to {rule.expect()}{hint}")
+            if rule.default is not UNSET:
+                out[key] = copy.deepcopy(rule.default)
+        return out
+
+    def normalized(self, value: dict | None = None) -> dict:
+        """A valid section with its defaults filled (for `Args` defaults)."""
+        return self.check(value or {}, self.name, "defaults")
+
+    def for_deepspeed(self, value: dict) -> dict:
+        """The section as DeepSpeed's config takes it (without the `not_forwarded` keys)."""
+        return {k: v for k, v in value.items() if k not in self.not_forwarded}
+
+
+def _split_problem(text: str) -> str | None:
+    """GPT-NeoX's `split`: up to three proportions train,valid,test separated by ',' or '/'."""
+    parts = re.split(r"[,/]", text)
+    if len(parts) > 3 or not all(re.fullmatch(r"\s*(\d+(\.\d*)?|\.\d+)\s*", p) for p in parts):
+        return "use up to three non-negative proportions 'train,valid,test', e.g. '969,30,1'"
+    if sum(float(p) for p in parts) <= 0:
+        return "the proportions add up to 0; give the training part a positive share, e.g. '969,30,1'"
+    return None
+
+
+def _partition_problem(text: str) -> str | None:
+    """DeepSpeed's PipelineModule partition methods."""
+    if text in ("parameters", "uniform"):
+        return None
+    if text.startswith("type:") and len(text) > 5:
+        try:
+            re.compile(text[5:])
+            return None
+        except re.error as exc:
+            return f"the layer-class regex does not compile ({exc})"
+    return "use parameters, uniform or type:<layer-class regex> (default type:ZooBlock)"
+
+
+def _even(n: int) -> str | None:
+    # DeepSpeed's ZeRO 1/2 asserts a multiple of its 2-element (4-byte) allgather alignment.
+    return None if n % 2 == 0 else "use an even number of elements (DeepSpeed's ZeRO aligns allgathers to 2)"
+
+
+def _nonempty(text: str) -> str | None:
+    return None if text.strip() else "give a directory (or null for none)"
+
+
+_OFFLOAD_WHY = ("ZeRO-Offload steps DeepSpeed's CPU Adam in place of this stack's torch AdamW, and DeepSpeed "
+                "refuses the pair; remove the key or turn it off")
+
+
+def _no_offload(section: dict) -> str | None:
+    device = section.get("device", "none")
+    return None if device in ("none", None) else _OFFLOAD_WHY
+
+
+OPTIMIZER_PARAMS = Section(
+    "optimizer.params",
+    {
+        "lr": Rule("float", gt=0, required=True, hint="the peak learning rate"),
+        "betas": Rule("list", length=2, items=Rule("float", ge=0, lt=1), default=[0.9, 0.999]),
+        "eps": Rule("float", gt=0, default=1e-8),
+        # FusedAdam arguments GPT-NeoX passes through; accepted at the value this stack computes.
+        "adam_w_mode": Rule("bool", only=True, hint="weight decay is decoupled (AdamW), as GPT-NeoX's default"),
+        "bias_correction": Rule("bool", only=True, hint="Adam's bias correction is always applied"),
+        "amsgrad": Rule("bool", only=False, hint="GPT-NeoX's FusedAdam has no AMSGrad either"),
+    },
+    example="{lr: 6.0e-4, betas: [0.9, 0.95], eps: 1.0e-8}",
+    refused={
+        "weight_decay": "GPT-NeoX takes weight decay only from the top-level key weight_decay (it passes that "
+                        "to the optimizer beside these params, which refuses a second one); set weight_decay "
+                        "there and remove this one",
+    },
+)
+OPTIMIZER = Section(
+    "optimizer",
+    {
+        "type": Rule("str", choices=("Adam", "AdamW"), casefold=True, default="Adam",
+                     hint="both are Adam with decoupled weight decay, GPT-NeoX's Adam"),
+        "params": Rule("dict", section=OPTIMIZER_PARAMS, required=True),
+    },
+    example="{type: Adam, params: {lr: 6.0e-4, betas: [0.9, 0.95], eps: 1.0e-8}}",
+)
+_STAGE3 = ("sub_group_size", "prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold",
+           "max_live_parameters", "max_reuse_distance", "gather_16bit_weights_on_model_save",
+           "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_model_persistence_threshold",
+           "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save",
+           "stage3_gather_fp16_weights_on_model_save")
+ZERO = Section(
+    "zero_optimization",
+    {
+        "stage": Rule("int", ge=0, le=2, default=0,
+                      hint="ZeRO-3 is not supported; tensor and pipeline parallelism split the parameters"),
+        "allgather_partitions": Rule("bool"),
+        "allgather_bucket_size": Rule("int", gt=0, parse=_even),
+        "overlap_comm": Rule("bool"),
+        "reduce_scatter": Rule("bool"),
+        "reduce_bucket_size": Rule("int", gt=0),
+        "contiguous_gradients": Rule("bool"),
+        "round_robin_gradients": Rule("bool"),
+        "load_from_fp32_weights": Rule("bool"),
+        "cpu_offload": Rule("bool", only=False, hint=_OFFLOAD_WHY),
+        "offload_optimizer": Rule("dict", null=True, parse=_no_offload),
+        "offload_param": Rule("dict", null=True, parse=_no_offload),
+    },
+    example="{stage: 1, overlap_comm: true, contiguous_gradients: true}",
+    refused={**{k: "a ZeRO stage-3 setting; this stack supports stages 0-2" for k in _STAGE3},
+             "cpu_offload_param": _OFFLOAD_WHY, "cpu_offload_use_pin_memory": _OFFLOAD_WHY},
+    # DeepSpeed refuses its deprecated cpu_offload beside offload_optimizer, even when false
+    not_forwarded=frozenset({"cpu_offload"}),
+)
+FP16 = Section(
+    "fp16",
+    {
+        "enabled": Rule("bool", default=False),
+        "auto_cast": Rule("bool"),
+        "loss_scale": Rule("float", ge=0, hint="0 = dynamic loss scaling"),
+        "initial_scale_power": Rule("int", ge=0, le=64),
+        "loss_scale_window": Rule("int", gt=0),
+        "hysteresis": Rule("int", gt=0),
+        "consecutive_hysteresis": Rule("bool"),
+        "min_loss_scale": Rule("int", gt=0),
+        "fp16": Rule("bool", hint="GPT-NeoX's own marker"),
+        "type": Rule("str", only="fp16", hint="GPT-NeoX's own marker"),
+    },
+    example="{enabled: true, loss_scale: 0, loss_scale_window: 1000, hysteresis: 2, min_loss_scale: 1}",
+    refused={"fp16_master_weights_and_grads": "needs DeepSpeed's CPU Adam; this stack steps a torch AdamW"},
+    not_forwarded=frozenset({"fp16", "type"}),
+)
+BF16 = Section(
+    "bf16",
+    {
+        "enabled": Rule("bool", default=False),
+        "immediate_grad_update": Rule("bool"),
+        "check_grad_overflow": Rule("bool"),
+    },
+    example="{enabled: true}",
+)
+AR_EVAL = Section(
+    "ar_eval",
+    {
+        "enabled": Rule("bool", default=False),
+        "iters": Rule("int", gt=0, default=10, hint="global validation batches per evaluation"),
+        "threshold": Rule("int", ge=0, default=1250,
+                          hint="an AR hit's bigram occurred at most this many times in training"),
+        "bigram_counts": Rule("str", null=True, default=None, hint=".npz of training bigram counts"),
+        "reference": Rule("str", null=True, default=None,
+                          hint="ar_slice.json or run directory of an attention run, for gap attribution"),
+        "strict": Rule("bool", default=False, hint="true: a failure inside the evaluation stops training"),
+        "timeout": Rule("float", gt=0, null=True, default=1800.0,
+                        hint="seconds; the evaluation stops early (results marked truncated) after this"),
+    },
+    example="{enabled: true, bigram_counts: data/bigrams.npz}",
+)
+AR_EVAL_DEFAULTS = AR_EVAL.normalized()
+
+
+def _doc(text: str, default: Any = MISSING, factory: Any = MISSING, **rule):
+    """A field of `Args`: its documentation, its default and its `Rule` (kind from the annotation)."""
+    meta = {"doc": text, "rule": Rule(**rule)}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init")
 
 
 @dataclass
 class Args:
     # ---- model ----
-    num_layers: int = _doc("number of blocks", 12)
-    hidden_size: int = _doc("model width d", 768)
-    num_attention_heads: int = _doc("heads of attention-type layers (d must divide by it)", 12)
-    seq_length: int = _doc("training sequence length L", 2048)
-    max_position_embeddings: int | None = _doc("learned-position table size (default seq_length)", None)
+    num_layers: int = _doc("number of blocks", 12, ge=1, le=MAX_LAYERS, hint="GPT-NeoX configs use 6 to 96")
+    hidden_size: int = _doc("model width d", 768, gt=0)
+    num_attention_heads: int = _doc("heads of attention-type layers (d must divide by it)", 12, gt=0)
+    seq_length: int = _doc("training sequence length L", 2048, gt=0)
+    max_position_embeddings: int | None = _doc("learned-position table size (default seq_length)", None, gt=0)
     attention_config: Any = _doc("layer types per layer, NeoX syntax: [[[types...], count|'all'], ...]", None)
-    norm: str = _doc("block norm: layernorm | rmsnorm", "layernorm")
-    layernorm_epsilon: float = _doc("LayerNorm epsilon", 1e-5)
-    rms_norm_epsilon: float = _doc("RMSNorm epsilon", 1e-8)
-    activation: str = _doc("MLP activation: gelu | swiglu", "gelu")
-    intermediate_size: int | None = _doc("MLP width (default 4d for gelu, 8d/3 rounded to 64 for swiglu)", None)
+    norm: str = _doc("block norm: layernorm | rmsnorm", "layernorm", choices=("layernorm", "rmsnorm"))
+    layernorm_epsilon: float = _doc("LayerNorm epsilon", 1e-5, gt=0)
+    rms_norm_epsilon: float = _doc("RMSNorm epsilon", 1e-8, gt=0)
+    activation: str = _doc("MLP activation: gelu | swiglu", "gelu", choices=("gelu", "swiglu"))
+    intermediate_size: int | None = _doc("MLP width (default 4d for gelu, 8d/3 rounded to 64 for swiglu)", None,
+                                         gt=0)
     mlp_bias: bool = _doc("biases in the MLP linear layers", True)
     use_bias_in_attn_linear: bool = _doc("biases in attention's QKV/output projections", True)
-    pos_emb: str = _doc("position encoding: rotary | learned | none", "learned")
-    rotary_pct: float = _doc("fraction of each head's channels that rotary rotates", 1.0)
-    rotary_emb_base: float = _doc("rotary base", 10000.0)
+    pos_emb: str = _doc("position encoding: rotary | learned | none", "learned", choices=("rotary", "learned", "none"))
+    rotary_pct: float = _doc("fraction of each head's channels that rotary rotates", 1.0, ge=0, le=1)
+    rotary_emb_base: float = _doc("rotary base", 10000.0, gt=0)
     no_weight_tying: bool = _doc("untie the input embedding and the LM head", False)
     gpt_j_residual: bool = _doc("parallel residual: x + mixer(ln1 x) + mlp(ln2 x)", False)
-    init_method: str = _doc("normal | scaled_normal | small_init | wang_init", "normal")
-    output_layer_init_method: str = _doc("init of output projections (same names)", "scaled_normal")
-    init_method_std: float = _doc("std of the 'normal' init methods", 0.02)
-    hidden_dropout: float = _doc("dropout on block outputs", 0.0)
-    attention_dropout: float = _doc("dropout on attention probabilities", 0.0)
-    make_vocab_size_divisible_by: int = _doc("pad the vocabulary to a multiple of this x TP", 128)
-    vocab_size: int | None = _doc("tokenizer vocabulary size; default: read from the tokenizer files", None)
-    output_layer_parallelism: str = _doc("LM head split; only 'column' (vocab-parallel) is supported", "column")
+    init_method: str = _doc("normal | scaled_normal | small_init | wang_init", "normal", choices=_INIT_METHODS)
+    output_layer_init_method: str = _doc("init of output projections (same names)", "scaled_normal",
+                                         choices=_INIT_METHODS)
+    init_method_std: float = _doc("std of the 'normal' init methods", 0.02, gt=0)
+    hidden_dropout: float = _doc("dropout on block outputs", 0.0, ge=0, lt=1)
+    attention_dropout: float = _doc("dropout on attention probabilities", 0.0, ge=0, lt=1)
+    make_vocab_size_divisible_by: int = _doc("pad the vocabulary to a multiple of this x TP", 128, gt=0)
+    vocab_size: int | None = _doc("tokenizer vocabulary size; default: read from the tokenizer files", None, gt=0)
+    output_layer_parallelism: str = _doc("LM head split; only 'column' (vocab-parallel) is supported", "column",
+                                         choices=("column",))
     # ---- parallelism ----
-    pipe_parallel_size: int = _doc("pipeline stages; 0 = plain DeepSpeed engine, >=1 = pipeline engine", 0)
-    model_parallel_size: int = _doc("tensor-parallel size (megatron-core TP)", 1)
-    pipe_partition_method: str = _doc("DeepSpeed layer partitioning (NeoX's default maps to our blocks)", "type:ZooBlock")
-    zero_optimization: dict = _doc("DeepSpeed ZeRO section (stage 0-2)", factory=lambda: {"stage": 0})
+    pipe_parallel_size: int = _doc("pipeline stages; 0 = plain DeepSpeed engine, >=1 = pipeline engine", 0, ge=0)
+    model_parallel_size: int = _doc("tensor-parallel size (megatron-core TP)", 1, gt=0)
+    pipe_partition_method: str = _doc("DeepSpeed layer partitioning (NeoX's default maps to our blocks)",
+                                      "type:ZooBlock", parse=_partition_problem)
+    zero_optimization: dict = _doc("DeepSpeed ZeRO section (stage 0-2)", factory=ZERO.normalized, section=ZERO,
+                                   null=True)
     # ---- optimisation ----
-    optimizer: dict = _doc("{type: Adam|AdamW, params: {lr, betas, eps}}", factory=lambda: {"type": "Adam", "params": {"lr": 6e-4}})
-    weight_decay: float = _doc("AdamW-style decoupled weight decay (not on biases and norms)", 0.01)
-    min_lr: float = _doc("floor of the LR schedule", 0.0)
-    warmup: float = _doc("warm-up as a fraction of lr_decay_iters", 0.01)
-    lr_decay_style: str = _doc("cosine | linear | constant", "cosine")
-    lr_decay_iters: int | None = _doc("iterations of the decay (default train_iters)", None)
-    train_iters: int = _doc("optimizer steps", 1000)
-    train_micro_batch_size_per_gpu: int = _doc("sequences per rank per micro step", 4)
-    gradient_accumulation_steps: int = _doc("micro steps per optimizer step", 1)
-    train_batch_size: int | None = _doc("global batch; checked against micro x accumulation x DP", None)
-    gradient_clipping: float = _doc("global grad-norm clip (0 = off)", 1.0)
-    fp16: dict = _doc("{enabled: bool, ...}: DeepSpeed fp16 (CUDA only)", factory=lambda: {"enabled": False})
-    bf16: dict = _doc("{enabled: bool}: DeepSpeed bf16 (FFTs still run in fp32)", factory=lambda: {"enabled": False})
-    precision: str | None = _doc("NeoX shorthand: fp32 | fp16 | bfloat16", None)
-    seed: int = _doc("random seed", 1234)
+    optimizer: dict = _doc("{type: Adam|AdamW, params: {lr, betas, eps}}",
+                           factory=lambda: OPTIMIZER.normalized({"params": {"lr": 6e-4}}), section=OPTIMIZER)
+    weight_decay: float = _doc("AdamW-style decoupled weight decay (not on biases and norms); GPT-NeoX's default",
+                               0.1, ge=0)
+    min_lr: float = _doc("floor of the LR schedule", 0.0, ge=0)
+    warmup: float = _doc("warm-up as a fraction of lr_decay_iters", 0.01, ge=0, le=1)
+    lr_decay_style: str = _doc("cosine | linear | constant (GPT-NeoX's default: linear)", "linear",
+                               choices=("cosine", "linear", "constant"))
+    lr_decay_iters: int | None = _doc("iterations of the decay (default train_iters)", None, gt=0)
+    train_iters: int = _doc("optimizer steps", 1000, gt=0)
+    train_micro_batch_size_per_gpu: int = _doc("sequences per rank per micro step", 4, gt=0)
+    gradient_accumulation_steps: int = _doc("micro steps per optimizer step", 1, gt=0)
+    train_batch_size: int | None = _doc("global batch; checked against micro x accumulation x DP", None, gt=0)
+    gradient_clipping: float = _doc("global grad-norm clip (0 = off)", 1.0, ge=0, hint="0 turns clipping off")
+    fp16: dict = _doc("{enabled: bool, ...}: DeepSpeed fp16 (CUDA only)", factory=FP16.normalized, section=FP16,
+                      null=True)
+    bf16: dict = _doc("{enabled: bool}: DeepSpeed bf16 (FFTs still run in fp32)", factory=BF16.normalized,
+                      section=BF16, null=True)
+    precision: str | None = _doc("NeoX shorthand: fp32 | fp16 | bfloat16", None, choices=("fp32", "fp16", "bfloat16"),
+                                 hint="GPT-NeoX spells bf16 bfloat16")
+    seed: int = _doc("random seed", 1234, ge=0, le=2**32 - 1, hint="numpy's seed range; it orders the data")
     # ---- data ----
     data_path: str | None = _doc("one .bin/.idx prefix, split by `split`", None)
-    train_data_paths: list | None = _doc("training prefixes (blended by train_data_weights)", None)
-    valid_data_paths: list | None = _doc("validation prefixes", None)
-    test_data_paths: list | None = _doc("test prefixes", None)
-    train_data_weights: list | None = _doc("blend weights of train_data_paths", None)
-    valid_data_weights: list | None = _doc("blend weights of valid_data_paths", None)
-    test_data_weights: list | None = _doc("blend weights of test_data_paths", None)
-    split: str = _doc("train,valid,test proportions of data_path", "969, 30, 1")
-    data_cache_path: str | None = _doc("where megatron-core caches its sample indices", None)
-    tokenizer_type: str = _doc("GPT2BPETokenizer | HFTokenizer | SPMTokenizer", "GPT2BPETokenizer")
+    train_data_paths: list | None = _doc("training prefixes (blended by train_data_weights)", None,
+                                         items=Rule("str"))
+    valid_data_paths: list | None = _doc("validation prefixes", None, items=Rule("str"))
+    test_data_paths: list | None = _doc("test prefixes", None, items=Rule("str"))
+    train_data_weights: list | None = _doc("blend weights of train_data_paths (default: equal)", None,
+                                           items=Rule("float", gt=0))
+    valid_data_weights: list | None = _doc("blend weights of valid_data_paths (default: equal)", None,
+                                           items=Rule("float", gt=0))
+    test_data_weights: list | None = _doc("blend weights of test_data_paths (default: equal)", None,
+                                          items=Rule("float", gt=0))
+    split: str = _doc("train,valid,test proportions of data_path", "969, 30, 1", parse=_split_problem)
+    data_cache_path: str | None = _doc("where megatron-core caches its sample indices", None, writable=True,
+                                       parse=_nonempty)
+    tokenizer_type: str = _doc("GPT2BPETokenizer | HFTokenizer | SPMTokenizer", "GPT2BPETokenizer",
+                               choices=("GPT2BPETokenizer", "HFTokenizer", "SPMTokenizer"))
     vocab_file: str | None = _doc("tokenizer vocabulary / model file", None)
     merge_file: str | None = _doc("GPT-2 merges file", None)
     eod_mask_loss: bool = _doc("mask the loss on end-of-document tokens", False)
     # ---- checkpoints, evaluation, logging ----
-    save: str | None = _doc("checkpoint directory", None)
+    save: str | None = _doc("checkpoint directory", None, writable=True, parse=_nonempty)
     load: str | None = _doc("checkpoint directory to resume from (latest tag)", None)
     finetune: bool = _doc(
         "load only the model weights from `load` and start at iteration 0 with a fresh optimizer and schedule "
@@ -113,27 +491,28 @@ class Args:
         "loudly) instead of stopping", False)
     overwrite_checkpoints: bool = _doc(
         "let a run write into a `save` folder that holds checkpoints it did not load from", False)
-    checkpoint_factor: int | None = _doc("save every N iterations", None)
-    extra_save_iters: list | None = _doc("extra iterations to save at", None)
-    keep_last_n_checkpoints: int | None = _doc("prune older complete checkpoints", None)
+    checkpoint_factor: int | None = _doc("save every N iterations", None, gt=0, hint="null: no periodic saves")
+    extra_save_iters: list | None = _doc("extra iterations to save at", None, items=Rule("int", ge=0))
+    keep_last_n_checkpoints: int | None = _doc("prune older complete checkpoints", None, gt=0,
+                                               hint="null keeps every checkpoint")
     checkpoint_activations: bool = _doc("recompute each group of checkpoint_num_layers blocks in backward", False)
-    checkpoint_num_layers: int = _doc("blocks per activation-checkpointing group", 1)
+    checkpoint_num_layers: int = _doc("blocks per activation-checkpointing group", 1, gt=0)
     lm_head_chunk_tokens: int = _doc(
         "LM head + loss in chunks of this many tokens, recomputed in backward, so the full [tokens, vocab] "
-        "logits never exist (0 = whole micro-batch at once)", 0)
+        "logits never exist (0 = whole micro-batch at once)", 0, ge=0, hint="0 = unchunked")
     compile: bool = _doc("torch.compile each block's mixer (measure first: bench.compile)", False)
     fused_norms: bool = _doc("use NVIDIA apex's fused LayerNorm/RMSNorm when apex is installed (CUDA)", True)
     max_nonfinite_steps: int = _doc(
-        "steps with non-finite gradients are skipped; after this many in a row the run stops (exit 3)", 5)
-    eval_interval: int = _doc("validation every N iterations", 1000)
-    eval_iters: int = _doc("validation batches per evaluation", 10)
-    log_interval: int = _doc("log every N iterations", 100)
-    steps_per_print: int = _doc("DeepSpeed's own print interval", 10)
-    tensorboard_dir: str | None = _doc("tensorboard event directory", None)
-    log_dir: str | None = _doc("text log directory", None)
+        "steps with non-finite gradients are skipped; after this many in a row the run stops (exit 3)", 5, gt=0)
+    eval_interval: int = _doc("validation every N iterations", 1000, gt=0)
+    eval_iters: int = _doc("validation batches per evaluation", 10, ge=0, hint="0 = no validation")
+    log_interval: int = _doc("log every N iterations", 100, gt=0)
+    steps_per_print: int = _doc("DeepSpeed's own print interval", 10, ge=0, hint="0 = never")
+    tensorboard_dir: str | None = _doc("tensorboard event directory", None, writable=True, parse=_nonempty)
+    log_dir: str | None = _doc("text log directory", None, writable=True, parse=_nonempty)
     ar_eval: dict = _doc(
         "AR-slice evaluation after each checkpoint: {enabled, iters, threshold, bigram_counts, reference, strict, "
-        "timeout} (see README 'AR-slice evaluation')", factory=lambda: dict(AR_EVAL_DEFAULTS))
+        "timeout} (see README 'AR-slice evaluation')", factory=AR_EVAL.normalized, section=AR_EVAL, null=True)
     # ---- per-mixer sections (one key per registered layer type) ----
     mixer_sections: dict = _doc("internal: the YAML sections of the layer types", factory=dict)
     # ---- derived (not YAML keys) ----
@@ -162,7 +541,7 @@ class Args:
 
     @property
     def lr(self) -> float:
-        return float(self.optimizer.get("params", {}).get("lr", 6e-4))
+        return self.optimizer["params"]["lr"]
 
     @property
     def gated_mlp(self) -> bool:
@@ -170,7 +549,7 @@ class Args:
 
     @property
     def ffn_hidden_size(self) -> int:
-        if self.intermediate_size:
+        if self.intermediate_size is not None:
             return int(self.intermediate_size)
         if self.gated_mlp:
             return int(math.ceil(8 * self.hidden_size / 3 / 64) * 64)
@@ -178,9 +557,9 @@ class Args:
 
     @property
     def dtype_name(self) -> str:
-        if _enabled(self.bf16) or self.precision == "bfloat16":
+        if self.bf16["enabled"] or self.precision == "bfloat16":
             return "bf16"
-        if _enabled(self.fp16) or self.precision == "fp16":
+        if self.fp16["enabled"] or self.precision == "fp16":
             return "fp16"
         return "fp32"
 
@@ -212,45 +591,11 @@ class Args:
         return out
 
 
-AR_EVAL_DEFAULTS = {
-    "enabled": False,
-    "iters": 10,  # validation batches (global batches) per evaluation
-    "threshold": 1250,  # an AR hit's bigram occurred at most this many times in training (the paper's value)
-    "bigram_counts": None,  # .npz of training bigram counts (tokenization/bigrams.py)
-    "reference": None,  # ar_slice.json (or run directory) of an attention run for gap attribution
-    "strict": False,  # true: a failure inside the evaluation stops training
-    "timeout": 1800.0,  # seconds; evaluation stops early (results marked truncated) after this
-}
-
 
 def _validate_ar_eval(args: Args, where) -> None:
+    """The ar_eval section (eval.standalone calls this again after applying its command-line values)."""
     w = where("ar_eval")
-    section = args.ar_eval
-    if section is None:
-        section = {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{w}: ar_eval: {section!r} is not a mapping; use e.g. ar_eval: {{enabled: true, "
-                          f"bigram_counts: data/bigrams.npz}}")
-    section = {normalize_key(k): v for k, v in section.items()}
-    unknown = sorted(set(section) - set(AR_EVAL_DEFAULTS))
-    if unknown:
-        hint = difflib.get_close_matches(unknown[0], AR_EVAL_DEFAULTS, n=1)
-        raise ConfigError(f"{w}: ar_eval.{unknown[0]}: unknown key{'; did you mean ' + hint[0] + '?' if hint else ''}"
-                          f" (valid: {', '.join(AR_EVAL_DEFAULTS)})")
-    cfg = {**AR_EVAL_DEFAULTS, **section}
-    for key in ("enabled", "strict"):
-        if not isinstance(cfg[key], bool):
-            raise ConfigError(f"{w}: ar_eval.{key}: {cfg[key]!r} is not true/false")
-    for key in ("iters", "threshold"):
-        v = cfg[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "iters" else 0):
-            raise ConfigError(f"{w}: ar_eval.{key}: {v!r}; use a{' positive' if key == 'iters' else ' non-negative'} integer")
-    t = cfg["timeout"]
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
-        raise ConfigError(f"{w}: ar_eval.timeout: {t!r}; use a positive number of seconds (or null for none)")
-    for key in ("bigram_counts", "reference"):
-        if cfg[key] is not None and not isinstance(cfg[key], str):
-            raise ConfigError(f"{w}: ar_eval.{key}: {cfg[key]!r} is not a path")
+    cfg = ARG_RULES["ar_eval"].check(args.ar_eval, "ar_eval", w)
     if cfg["enabled"]:
         if not cfg["bigram_counts"]:
             raise ConfigError(
@@ -270,11 +615,17 @@ def _validate_ar_eval(args: Args, where) -> None:
     args.ar_eval = cfg
 
 
-def _enabled(section) -> bool:
-    return bool(section.get("enabled", False)) if isinstance(section, dict) else bool(section)
+def _field_rule(f: dataclasses.Field) -> Rule:
+    """A field's Rule with its kind and nullability taken from the annotation (`int | None` etc.)."""
+    rule = f.metadata["rule"]
+    parts = [p.strip() for p in str(f.type).split("|")]
+    kind = parts[0] if parts[0] in ("int", "float", "bool", "str", "list", "dict") else "any"
+    return dataclasses.replace(rule, kind=kind if rule.kind == "any" else rule.kind, null=rule.null or "None" in parts)
 
 
 ARG_FIELDS = {f.name: f for f in dataclasses.fields(Args) if "doc" in f.metadata and f.name != "mixer_sections"}
+ARG_RULES = {name: _field_rule(f) for name, f in ARG_FIELDS.items()}
+"""The schema of every top-level key."""
 
 # GPT-NeoX keys accepted for compatibility that change nothing in this stack (kernel-fusion switches,
 # launcher/logging settings handled elsewhere, features of other model families). Logged once.
@@ -302,12 +653,31 @@ NEOX_NO_EFFECT = {
     "weighted_sampler_alpha",
 }
 
+
+def _off(v) -> bool:
+    """A DeepSpeed feature section that is absent or disabled."""
+    return not v or (isinstance(v, dict) and v.get("enabled") is False)
+
+
+# GPT-NeoX keys that have no effect here only at their GPT-NeoX default; any other value would change the
+# numbers, so it is refused with the reason.
+NEOX_NO_EFFECT_ONLY_AT_DEFAULT = {
+    "weight_by_num_documents": (lambda v: v in (None, False),
+                                "weighting datasets by document count is not implemented; give train_data_weights"),
+    "prescale_gradients": (lambda v: v in (None, False), "DeepSpeed's gradient prescaling is not passed on here"),
+    "gradient_predivide_factor": (lambda v: v is None or (not isinstance(v, bool) and v == 1),
+                                  "DeepSpeed's gradient pre-division is not passed on here"),
+    "opt_pos_emb_offset": (lambda v: v is None or (not isinstance(v, bool) and v == 0),
+                           "OPT's learned-position offset is not implemented"),
+    "curriculum_learning": (_off, "DeepSpeed's curriculum learning is not implemented here"),
+    "data_efficiency": (_off, "DeepSpeed's data efficiency sampling is not implemented here"),
+    "amp": (_off, "apex AMP is not implemented here (use bf16)"),
+    "elasticity": (_off, "DeepSpeed's elastic batch sizing is not implemented here"),
+    "autotuning": (_off, "DeepSpeed's autotuning is not implemented here"),
+}
+
 # NeoX values that mean the same as ours.
 _NEOX_PARTITION_DEFAULTS = {"type:transformer", "type:transformer|mlp", "type:ParallelTransformerLayerPipe"}
-
-
-def normalize_key(key: str) -> str:
-    return str(key).replace("-", "_")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -381,25 +751,7 @@ def expand_attention_config(spec, num_layers: int, where: str = "attention_confi
 
 def _suggest(key: str, candidates) -> str:
     close = difflib.get_close_matches(key, sorted(candidates), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(close)}?" if close else "; see README 'Configuration keys' for the valid keys"
-
-
-_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), dict: (dict,), list: (list,)}
-
-
-def _check_type(name: str, value, where: str):
-    f = ARG_FIELDS[name]
-    ann = str(f.type)
-    if value is None and "None" in ann:
-        return value
-    base = ann.split("|")[0].strip()
-    py = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list}.get(base)
-    if py is None:
-        return value
-    ok = isinstance(value, _TYPES[py]) and not (py in (int, float) and isinstance(value, bool))
-    if not ok:
-        raise ConfigError(f"{where}: {name}: {value!r} is not a{'n' if base[0] in 'aeiou' else ''} {base}")
-    return float(value) if py is float else value
+    return f"; did you mean {', '.join(close)}?" if close else "; see README 'Configuration values' for the valid keys"
 
 
 def build_args(raw: dict, source: dict | None = None, world_size: int | None = None) -> Args:
@@ -409,8 +761,8 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
     args = Args()
     registered = set(registry.names(include_aliases=True))
     for key, value in raw.items():
-        if key in ARG_FIELDS:
-            setattr(args, key, _check_type(key, value, where(key)))
+        if key in ARG_RULES:
+            setattr(args, key, ARG_RULES[key].check(value, key, where(key)))
         elif key in registered:
             canon = registry.canonical(key)
             if not isinstance(value, dict):
@@ -421,11 +773,19 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
                 raise ConfigError(f"{where(key)}: {key}: {exc.args[0]}") from None
             args.mixer_sections[canon] = {normalize_key(k): v for k, v in value.items()}
         elif key in NEOX_NO_EFFECT:
+            no_effect, why = NEOX_NO_EFFECT_ONLY_AT_DEFAULT.get(key, (None, ""))
+            if no_effect is not None and not no_effect(value):
+                raise ConfigError(f"{where(key)}: {key}: {_show(value)}; {why} (this GPT-NeoX key is accepted only "
+                                  f"at its default)")
             args.ignored_keys.append(key)
         else:
             raise ConfigError(
                 f"{where(key)}: unknown key '{key}'{_suggest(key, set(ARG_FIELDS) | registered | NEOX_NO_EFFECT)}"
             )
+    kv_heads = raw.get("num_kv_heads")
+    if kv_heads is not None and kv_heads != args.num_attention_heads:
+        raise ConfigError(f"{where('num_kv_heads')}: num_kv_heads: {_show(kv_heads)}; grouped-query attention is not "
+                          f"implemented (remove the key or set it to num_attention_heads {args.num_attention_heads})")
     args.sources = dict(source)
     args.world_size = int(world_size or os.environ.get("WORLD_SIZE", 1))
     if args.pipe_partition_method in _NEOX_PARTITION_DEFAULTS:
@@ -434,9 +794,6 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
         args.max_position_embeddings = args.seq_length
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    if isinstance(args.num_layers, int) and args.num_layers > MAX_LAYERS:
-        raise ConfigError(f"{where('num_layers')}: num_layers: {args.num_layers} is more than {MAX_LAYERS:,} layers; "
-                          f"check the value (GPT-NeoX configs use 6 to 96)")
     try:
         types = expand_attention_config(args.attention_config, args.num_layers, f"{where('attention_config')}: attention_config")
         args.layer_types = [registry.canonical(t) for t in types]
@@ -446,51 +803,52 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
     return args
 
 
-def _positive(args: Args, where, *names):
-    for n in names:
-        v = getattr(args, n)
-        if v is not None and v <= 0:
-            raise ConfigError(f"{where(n)}: {n}: {v!r} must be positive")
+_DATA_LISTS = (("train_data_paths", "train_data_weights"), ("valid_data_paths", "valid_data_weights"),
+               ("test_data_paths", "test_data_weights"))
 
 
 def _validate(args: Args, where) -> None:
-    _positive(args, where, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
-              "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "model_parallel_size",
-              "log_interval", "eval_interval", "make_vocab_size_divisible_by", "max_nonfinite_steps",
-              "checkpoint_num_layers")
-    if args.pipe_parallel_size < 0:
-        raise ConfigError(f"{where('pipe_parallel_size')}: pipe_parallel_size: {args.pipe_parallel_size} must be >= 0")
-    if args.lm_head_chunk_tokens < 0:
-        raise ConfigError(f"{where('lm_head_chunk_tokens')}: lm_head_chunk_tokens: {args.lm_head_chunk_tokens} must be "
-                          ">= 0 (0 = unchunked)")
-    choice = {
-        "norm": ("layernorm", "rmsnorm"), "activation": ("gelu", "swiglu"),
-        "pos_emb": ("rotary", "learned", "none"), "lr_decay_style": ("cosine", "linear", "constant"),
-        "tokenizer_type": ("GPT2BPETokenizer", "HFTokenizer", "SPMTokenizer"),
-        "output_layer_parallelism": ("column",),
-        "init_method": ("normal", "scaled_normal", "small_init", "wang_init"),
-        "output_layer_init_method": ("normal", "scaled_normal", "small_init", "wang_init"),
-    }
-    for key, options in choice.items():
-        v = getattr(args, key)
-        if v not in options:
-            close = difflib.get_close_matches(str(v), options, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{where(key)}: {key}: {v!r} is not supported{hint}; use one of {', '.join(options)}")
-    if args.precision not in (None, "fp32", "fp16", "bfloat16"):
-        raise ConfigError(f"{where('precision')}: precision: {args.precision!r}; use fp32, fp16 or bfloat16")
-    opt = args.optimizer
-    if not isinstance(opt, dict) or str(opt.get("type", "Adam")).lower() not in ("adam", "adamw"):
-        raise ConfigError(f"{where('optimizer')}: optimizer: {opt!r}; use {{type: Adam|AdamW, params: {{lr: ...}}}}")
-    if "lr" not in opt.get("params", {}):
-        raise ConfigError(f"{where('optimizer')}: optimizer.params.lr is missing; set e.g. optimizer: {{type: Adam, params: {{lr: 6.0e-4}}}}")
-    if not 0 <= args.warmup <= 1:
-        raise ConfigError(f"{where('warmup')}: warmup: {args.warmup}; it is a fraction of lr_decay_iters in [0, 1]")
+    """What one value's Rule cannot say: relations between keys."""
     if args.min_lr > args.lr:
         raise ConfigError(f"{where('min_lr')}: min_lr {args.min_lr} is above lr {args.lr}")
-    stage = args.zero_optimization.get("stage", 0) if isinstance(args.zero_optimization, dict) else None
-    if stage not in (0, 1, 2):
-        raise ConfigError(f"{where('zero_optimization')}: zero_optimization.stage: {stage!r}; use 0, 1 or 2")
+    if args.pos_emb == "learned" and args.max_position_embeddings < args.seq_length:
+        raise ConfigError(
+            f"{where('max_position_embeddings')}: max_position_embeddings {args.max_position_embeddings} is shorter "
+            f"than seq_length {args.seq_length}: learned positions need one table row per position; set it to at "
+            f"least {args.seq_length} (or leave it unset)"
+        )
+    # precision: the DeepSpeed sections and GPT-NeoX's shorthand must agree (GPT-NeoX asserts the same)
+    if args.fp16["enabled"] and args.bf16["enabled"]:
+        raise ConfigError(f"{where('bf16')}: fp16.enabled and bf16.enabled are both true; enable one")
+    enabled = "fp16" if args.fp16["enabled"] else "bf16" if args.bf16["enabled"] else None
+    if args.precision is not None and enabled is not None and args.precision != {"fp16": "fp16", "bf16": "bfloat16"}[enabled]:
+        raise ConfigError(f"{where('precision')}: precision: {args.precision} contradicts {enabled}.enabled: true; "
+                          f"make them agree (or drop one)")
+    if args.zero_optimization["stage"] >= 2 and args.pipe_parallel_size >= 1:
+        raise ConfigError(
+            f"{where('zero_optimization')}: zero_optimization.stage {args.zero_optimization['stage']} with "
+            f"pipe_parallel_size {args.pipe_parallel_size}: DeepSpeed's pipeline engine takes ZeRO stage 0 or 1; use "
+            f"stage 1 (or pipe_parallel_size: 0)"
+        )
+    # data: one prefix split by `split`, or per-split lists (GPT-NeoX refuses both as well)
+    lists = [paths for paths, _ in _DATA_LISTS if getattr(args, paths) is not None]
+    if args.data_path is not None and lists:
+        raise ConfigError(
+            f"{where(lists[0])}: {lists[0]} and data_path are both set; give either data_path (split by `split`) or "
+            f"train/valid/test_data_paths, not both"
+        )
+    if lists and args.train_data_paths is None:
+        raise ConfigError(f"{where(lists[0])}: {lists[0]} is set but train_data_paths is not; give the training "
+                          f"prefixes in train_data_paths")
+    for paths_key, weights_key in _DATA_LISTS:
+        paths, weights = getattr(args, paths_key), getattr(args, weights_key)
+        if paths is not None and not paths:
+            raise ConfigError(f"{where(paths_key)}: {paths_key}: []; give at least one .bin/.idx prefix (or null)")
+        if weights is not None and (paths is None or len(weights) != len(paths)):
+            raise ConfigError(f"{where(weights_key)}: {weights_key} has {len(weights)} entries for "
+                              f"{len(paths or [])} {paths_key}; give one weight per prefix")
+        if paths is not None and weights is None:
+            setattr(args, weights_key, [1.0] * len(paths))  # GPT-NeoX's default: equal weights
     # shapes and parallel sizes
     d, heads, tp = args.hidden_size, args.num_attention_heads, args.tp
     if d % heads:
@@ -548,21 +906,51 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def writable_problem(path: str) -> str | None:
+    """Why the directory `path` cannot be written, or None: it is a writable directory, or the nearest
+    existing ancestor is one (so it can be created). Nothing is created."""
+    p = Path(path).absolute()
+    try:
+        if p.exists():
+            if not p.is_dir():
+                return f"{p} exists and is not a directory"
+            return None if os.access(p, os.W_OK | os.X_OK) else f"directory {p} is not writable"
+        ancestor = p.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+    except OSError as exc:
+        return f"{p} cannot be checked ({exc.strerror or exc})"
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, so {p} cannot be created"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable, so {p} cannot be created"
+    return None
+
+
 def check_paths(args: Args, need_data: bool = True) -> None:
-    """Existence of tokenizer files and data prefixes (training only; --dry-run skips data)."""
+    """Before anything starts: tokenizer files exist, the directories the run writes can be written and, for
+    training (the dry run skips data), every data prefix is a whole .bin/.idx pair that `split` divides."""
     for key in ("vocab_file", "merge_file"):
         p = getattr(args, key)
         if p and not Path(p).exists():
             raise ConfigError(f"{args.sources.get(key, 'config')}: {key}: file {p} not found; fix the path")
+    for key, rule in ARG_RULES.items():
+        if rule.writable and getattr(args, key):
+            problem = writable_problem(getattr(args, key))
+            if problem:
+                raise ConfigError(f"{args.sources.get(key, 'config')}: {key}: {problem}; give a directory this user "
+                                  f"can write")
     if not need_data:
         return
     prefixes = []
     if args.data_path:
         prefixes.append(("data_path", args.data_path))
-    for key in ("train_data_paths", "valid_data_paths", "test_data_paths"):
+    for key, _ in _DATA_LISTS:
         prefixes += [(key, p) for p in getattr(args, key) or []]
     if not prefixes:
         raise ConfigError("no training data: set data_path (one .bin/.idx prefix) or train_data_paths")
+    from neox_zoology.data import check_indexed_dataset, check_split
+
     for key, prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not Path(prefix + ext).exists():
@@ -570,15 +958,9 @@ def check_paths(args: Args, need_data: bool = True) -> None:
                     f"{args.sources.get(key, 'config')}: {key}: {prefix}{ext} not found; give the prefix of a "
                     f".bin/.idx pair (see README 'Data')"
                 )
-        from neox_zoology.data import check_indexed_dataset
-
         check_indexed_dataset(prefix)  # whole and consistent, before any process starts
-    for paths, weights in (("train_data_paths", "train_data_weights"), ("valid_data_paths", "valid_data_weights"),
-                           ("test_data_paths", "test_data_weights")):
-        p, w = getattr(args, paths), getattr(args, weights)
-        if w is not None and (p is None or len(w) != len(p)):
-            raise ConfigError(f"{args.sources.get(weights, 'config')}: {weights} has {len(w)} entries for "
-                              f"{len(p or [])} {paths}")
+    if args.data_path:
+        check_split(args)  # no used part of the split is empty
 
 
 def pad_vocab(vocab_size: int, multiple: int, tp: int) -> int:

@@ -77,7 +77,7 @@ def test_mixer_sections_and_defaults():
         ({"baseconv": {"kernel_size": 3}}, r"baseconv: unknown argument\(s\) kernel_size; valid: .*kernel_sizes"),
         ({"attention_config": [[["baseconv"], "all"]], "baseconv": {"kernel_sizes": [0]}}, r"kernel_sizes: 0"),
         ({"attention_config": [[["sliding_window"], "all"]], "sliding_window": {"window": 0}}, r"window: 0"),
-        ({"hidden_size": "big"}, r"hidden_size: 'big' is not an int"),
+        ({"hidden_size": "big"}, r"hidden_size: 'big'; use a positive integer"),
         ({"warmup": 5}, r"warmup: 5"),
         ({"zero_optimization": {"stage": 3}}, r"zero_optimization.stage: 3"),
         ({"fp16": {"enabled": True}}, r"fp16 needs CUDA"),

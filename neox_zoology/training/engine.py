@@ -91,8 +91,11 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 def make_optimizer(args, model):
-    params = args.optimizer.get("params", {})
-    kwargs = dict(lr=args.lr, betas=tuple(params.get("betas", (0.9, 0.999))), eps=float(params.get("eps", 1e-8)))
+    """GPT-NeoX's `Adam` (FusedAdam in adam_w_mode: Adam with decoupled weight decay, i.e. torch's AdamW):
+    lr, betas and eps from `optimizer.params`, weight decay from the top-level `weight_decay`, as GPT-NeoX
+    passes them (`config.OPTIMIZER_PARAMS` validates the params and fills their defaults)."""
+    params = args.optimizer["params"]
+    kwargs = dict(lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"])
     if torch.cuda.is_available():
         kwargs["fused"] = True
     opt = GuardedAdamW(param_groups(model, args.weight_decay), **kwargs)
@@ -101,16 +104,20 @@ def make_optimizer(args, model):
 
 
 def deepspeed_config(args) -> dict:
+    """DeepSpeed's config from the validated sections (`config.ZERO`, `FP16`, `BF16`); precision is the one
+    `args.dtype_name` resolves from the sections and GPT-NeoX's `precision` shorthand."""
+    from neox_zoology.config import BF16, FP16, ZERO
+
     dtype = args.dtype_name
     return {
         "train_micro_batch_size_per_gpu": args.train_micro_batch_size_per_gpu,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "train_batch_size": args.global_batch,
         "gradient_clipping": args.gradient_clipping,
-        "zero_optimization": dict(args.zero_optimization),
+        "zero_optimization": ZERO.for_deepspeed(args.zero_optimization),
         "zero_allow_untested_optimizer": True,  # a torch AdamW: no JIT-compiled FusedAdam
-        "bf16": {"enabled": dtype == "bf16"},
-        "fp16": {**(args.fp16 if isinstance(args.fp16, dict) else {}), "enabled": dtype == "fp16"},
+        "bf16": {**BF16.for_deepspeed(args.bf16), "enabled": dtype == "bf16"},
+        "fp16": {**FP16.for_deepspeed(args.fp16), "enabled": dtype == "fp16"},
         "steps_per_print": args.steps_per_print if args.steps_per_print > 0 else 10**9,
         "wall_clock_breakdown": False,
     }
