@@ -91,6 +91,7 @@ def run(ns) -> dict:
         opt = engine.zoo_optimizer
         peer_file = work / "plain.pt"
         times = {"ours_save": [], "unverified_save": [], "plain_save": [], "ours_load": [], "plain_load": []}
+        cpu = {"ours_save": [], "unverified_save": []}  # process CPU time: steadier than wall on a busy machine
         ds_writer = engine.checkpoint_engine.save  # DeepSpeed's own, before checkpoint.save hashes
 
         def unverified_save(i):
@@ -102,18 +103,20 @@ def run(ns) -> dict:
             checkpoint.hashing_saves, checkpoint.write_manifest = (lambda e: None), (lambda d, known: None)
             engine.checkpoint_engine.save = ds_writer
             try:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 checkpoint.save(engine, args, i + 1)
                 times["unverified_save"].append(time.perf_counter() - t)
+                cpu["unverified_save"].append(time.process_time() - c)
             finally:
                 checkpoint.hashing_saves, checkpoint.write_manifest = hashing, manifest
                 engine.checkpoint_engine.save = writer
 
         def ours_save(i):
             shutil.rmtree(work / "ours", ignore_errors=True)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             checkpoint.save(engine, args, i + 1)
             times["ours_save"].append(time.perf_counter() - t)
+            cpu["ours_save"].append(time.process_time() - c)
 
         def plain_save(i):
             t = time.perf_counter()
@@ -159,6 +162,8 @@ def run(ns) -> dict:
         "save_ratio": med["ours_save"] / med["plain_save"],
         "unverified_save_s": med["unverified_save"],
         "manifest_cost": med["ours_save"] / med["unverified_save"] - 1,
+        "manifest_cost_cpu": statistics.median(cpu["ours_save"]) / statistics.median(cpu["unverified_save"]) - 1,
+        "cpu_s": cpu,
         "targets": [{"target": "manifest (hashing while writing + manifest.json) <= 10% of the save time",
                      "value": med["ours_save"] / med["unverified_save"] - 1, "threshold": 0.10,
                      "meets": med["ours_save"] / med["unverified_save"] - 1 <= 0.10}],
