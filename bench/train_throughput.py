@@ -427,11 +427,10 @@ def one(spec: dict) -> dict:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     with stdout_to_stderr():
         from neox_zoology import flops
-        from neox_zoology.mixers.sparse import collect_stats, set_aux_loss_scale
         from neox_zoology.parallel import setup as psetup
         from neox_zoology.parallel.cpu_compat import model_parallel_seed
         from neox_zoology.training.engine import build_engine
-        from neox_zoology.training.loop import aux_loss_scale, train_step
+        from neox_zoology.training.loop import before_step, layer_stats, train_step
 
         args = load_args(spec["config"], spec["sets"])
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -453,11 +452,11 @@ def one(spec: dict) -> dict:
             params = sum(p.numel() for p in engine.module.parameters())
 
             def step(i) -> float:
-                set_aux_loss_scale(aux_loss_scale(engine, args))  # as the loop does, every step
+                before_step(engine, args)  # as the loop does, every step
                 return float(train_step(engine, iter(batches[i:i + 1]), device))
 
             warm_losses = [step(i) for i in range(spec["warmup"] - 1)]
-            set_aux_loss_scale(aux_loss_scale(engine, args))
+            before_step(engine, args)
             loss, breakdown, saved_bytes = instrumented_step(engine, batches[spec["warmup"] - 1], device, sync)
             warm_losses.append(loss)
             times, cpu_times, losses = [], [], []
@@ -468,7 +467,7 @@ def one(spec: dict) -> dict:
                 sync()
                 times.append(time.perf_counter() - t0)
                 cpu_times.append(time.process_time() - c0)
-            sparse = collect_stats(engine)
+            stats = layer_stats(engine, args)
             peak = maxrss_bytes()
             gpu_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
             gpu_reserved = torch.cuda.max_memory_reserved() if device.type == "cuda" else None
@@ -487,7 +486,7 @@ def one(spec: dict) -> dict:
     from neox_zoology.training.metrics import device_peak_flops
 
     peak_flops = device_peak_flops()
-    fractions = [v for k, v in sparse.items() if k.endswith("/selected_fraction")]
+    fractions = [v for k, v in stats.items() if k.endswith("/selected_fraction")]
     step_s = statistics.median(times)
     tokens_per_step = args.train_micro_batch_size_per_gpu * args.seq_length * args.gradient_accumulation_steps
     flops_per_token = 3 * flops.model_forward_per_token(args)
@@ -521,7 +520,7 @@ def one(spec: dict) -> dict:
         "saved_for_backward_bytes": saved_bytes,
         "breakdown": breakdown,
         "selected_fraction": statistics.mean(fractions) if fractions else None,
-        "sparse_stats": sparse,
+        "layer_stats": stats,
         "losses": {"warmup": warm_losses, "timed": losses},
         "threads": threads,
     }

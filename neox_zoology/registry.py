@@ -29,7 +29,7 @@ class MixerSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     """The keys of this type's YAML section (e.g. `baseconv: {kernel_sizes: [3, -1]}`) and their defaults."""
     tp_split: str = "channels"
-    """How the mixer splits under tensor parallelism: 'heads', 'channels' or 'replicated'."""
+    """How the mixer splits under tensor parallelism: 'heads' or 'channels'."""
     flops: Callable[[Shape, Mapping[str, Any]], float] = lambda shape, args: 0.0
     """Forward FLOPs per token of the mixer (matmuls and FFTs; see neox_zoology/flops.py)."""
     validate: Callable[[Shape, Mapping[str, Any]], list[str]] = lambda shape, args: []
@@ -42,7 +42,18 @@ class MixerSpec:
     mlp: type | None = None
     """A block-level replacement for the MLP (RWKV's channel mix); None keeps the configured MLP."""
     needs_token_ids: bool = False
+    """The layer reads the raw token ids (the GPT layer specs carry them through the pipeline)."""
+    before_step: Callable[[Any, float], None] | None = None
+    """Called by the trainer before every optimizer step with the model (this rank's part) and the factor
+    DeepSpeed applies to the language-model loss (1 / accumulation steps x the fp16 loss scale)."""
+    stats: Callable[[Any], dict] | None = None
+    """model -> {name: value} to log every log_interval; a collective: every rank calls it at the same step."""
+    notices: Callable[[Any], list] | None = None
+    """args -> start-up notices (what a valid config does differently from what its keys might suggest)."""
+    memory_note: str = ""
+    """Added to the dry-run memory plan's note when this type's activations are measured on the CPU."""
     doc: str = ""
+    """One line for the layer table."""
 
 
 _SPECS: dict[str, MixerSpec] = {}
@@ -85,6 +96,21 @@ def canonical(name: str) -> str:
 
 def get(name: str) -> MixerSpec:
     return _SPECS[canonical(name)]
+
+
+def hooks(layer_types, attr: str) -> list:
+    """The distinct hooks `attr` ('before_step', 'stats', 'notices') of these layer types, in order."""
+    out = []
+    for t in dict.fromkeys(layer_types):
+        hook = getattr(get(t), attr)
+        if hook is not None and hook not in out:
+            out.append(hook)
+    return out
+
+
+def is_number(v) -> bool:
+    """An int or float that is not a bool (for the mixers' validation)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def resolve_args(name: str, args: Mapping[str, Any] | None) -> dict:

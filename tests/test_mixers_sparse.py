@@ -14,13 +14,9 @@ from properties import assert_causal
 from neox_zoology import registry
 from neox_zoology.config import ConfigError, build_args, load
 from neox_zoology.mixers import sparse
-from neox_zoology.mixers.sparse import (
-    SelectedQueryAttention,
-    collect_stats,
-    programmatic_selection,
-    selected_positions,
-    set_aux_loss_scale,
-)
+from neox_zoology.mixers.sparse import collect_stats, programmatic_selection, selected_positions, set_aux_loss_scale
+from neox_zoology.mixers.sparse import kernel
+from neox_zoology.mixers.sparse.kernel import SelectedQueryAttention
 
 D, L, HEADS = 32, 40, 4
 TYPES = ("sparse_random", "sparse_programmatic", "sparse_learned")
@@ -29,13 +25,6 @@ KW = {  # small key blocks so that every test crosses several blocks
     "sparse_programmatic": {"block_size": 8},
     "sparse_learned": {"budget": 0.25, "noise_std": 0.05, "aux_loss_coef": 0.5, "block_size": 8},
 }
-
-
-@pytest.fixture(autouse=True)
-def unit_aux_scale():
-    set_aux_loss_scale(1.0)
-    yield
-    set_aux_loss_scale(1.0)
 
 
 def build(name, seq_length=L, **kw):
@@ -197,8 +186,8 @@ def explicit_aux(m, x):
 @pytest.fixture(params=["cpu_flash", "tiles"])
 def kernel_path(request, monkeypatch):
     """Both key-block paths: PyTorch's fused CPU flash kernel, and the generic tiles (used on GPUs)."""
-    monkeypatch.setattr(sparse, "USE_CPU_FLASH", request.param == "cpu_flash")
-    monkeypatch.setattr(sparse, "_TILE_ELEMENTS", 200)  # several row chunks per key block
+    monkeypatch.setattr(kernel, "USE_CPU_FLASH", request.param == "cpu_flash")
+    monkeypatch.setattr(kernel, "_TILE_ELEMENTS", 200)  # several row chunks per key block
     return request.param
 
 
@@ -325,7 +314,7 @@ def test_aux_loss_gradient_reaches_the_selector_and_follows_the_scale():
     expected_w, expected_x = torch.autograd.grad(explicit_aux(m, x), [m.selector.weight, x])
     assert expected_w.abs().max() > 0  # the relu is active at initialisation (mean(s) ~ 0.5 > k/L)
     for scale in (1.0, 0.25):
-        set_aux_loss_scale(scale)
+        set_aux_loss_scale(m, scale)
         m.zero_grad()
         x.grad = None
         y, _ = m(x)
@@ -347,7 +336,7 @@ def test_no_aux_loss_in_eval():
 
 def test_bad_aux_scale_is_refused():
     with pytest.raises(ValueError, match="aux-loss scale"):
-        set_aux_loss_scale(float("nan"))
+        set_aux_loss_scale(build("sparse_learned").mixer, float("nan"))
 
 
 def test_collect_stats_averages_since_the_last_call_and_resets():
@@ -489,7 +478,7 @@ def _train_sgd(rank, raw, world, steps):
         model_parallel_seed(args.seed)
         resolve_vocab(args)
         engine = engine_mod.build_engine(args, topo)
-        set_aux_loss_scale(1.0 / args.gradient_accumulation_steps)  # what the trainer sets (fp32: no loss scale)
+        set_aux_loss_scale(engine, 1.0 / args.gradient_accumulation_steps)  # what the trainer sets (fp32: no loss scale)
         batches = SyntheticBatches(args, parallel_state.get_data_parallel_rank(),
                                    parallel_state.get_data_parallel_world_size())
         losses = [float(train_step(engine, batches, torch.device("cpu"))) for _ in range(steps)]
@@ -540,14 +529,13 @@ def reference_step(raw, micro_batches):
     inputs = {}
     for layer in layers:
         layer.register_forward_hook(lambda mod, a, kw, out: inputs.__setitem__(mod, a[0]), with_kwargs=True)
-    set_aux_loss_scale(0.0)  # the aux loss is added to the loss explicitly instead
+    set_aux_loss_scale(model, 0.0)  # the aux loss is added to the loss explicitly instead
     total = 0.0
     for batch in micro_batches:
         tokens, labels = batch
         loss = lm_loss(model(tokens), labels)
         total = total + (loss + sum(explicit_aux(layer, inputs[layer]) for layer in layers)) / len(micro_batches)
     total.backward()
-    set_aux_loss_scale(1.0)
     return {layer.layer_number: (layer.selector.weight - args.lr * layer.selector.weight.grad).detach()
             for layer in layers}
 
@@ -675,7 +663,7 @@ def _train_config(rank, args):
         splits = build_datasets(args, tokenizer, 0)
         batches = BatchIterator(splits.train, args.train_micro_batch_size_per_gpu, args.gradient_accumulation_steps,
                                 parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
-        set_aux_loss_scale(1.0 / args.gradient_accumulation_steps)
+        set_aux_loss_scale(engine, 1.0 / args.gradient_accumulation_steps)
         losses = [float(train_step(engine, batches, torch.device("cpu"))) for _ in range(args.train_iters)]
         return losses, collect_stats(engine)
     finally:

@@ -243,10 +243,10 @@ def test_sparse_learned_hybrid_dp2_equals_dp1_with_accumulation_and_logs_its_sta
     dp2 = train({**raw, "gradient_accumulation_steps": 1}, 2)
     for s in dp2:
         assert losses(s) == pytest.approx(losses(dp1), abs=1e-5)
-    stats = dp2[0]["sparse_stats"]
+    stats = dp2[0]["layer_stats"]
     assert set(stats) >= {"sparse/layer2/aux_loss", "sparse/layer2/selected_fraction", "sparse/layer4/aux_loss"}
     assert 0.0 < stats["sparse/layer2/selected_fraction"] <= 1.0
-    assert "sparse: sparse/layer2/aux_loss=" in (tmp_path / "logs" / "train.log").read_text()
+    assert "layer stats: sparse/layer2/aux_loss=" in (tmp_path / "logs" / "train.log").read_text()
 
 
 def test_peak_flops_by_device_name_and_mfu_arithmetic(monkeypatch):

@@ -8,10 +8,9 @@ from collections import Counter
 
 import torch
 
-from neox_zoology import flops
+from neox_zoology import flops, registry
 from neox_zoology.config import ConfigError, pad_vocab
 from neox_zoology.data import BatchIterator, build_datasets, to_device
-from neox_zoology.mixers.sparse import collect_stats, set_aux_loss_scale
 from neox_zoology.model.gpt import lm_loss
 from neox_zoology.parallel import setup as psetup
 from neox_zoology.parallel.cpu_compat import model_parallel_seed
@@ -146,13 +145,27 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def aux_loss_scale(engine, args) -> float:
+def loss_scale(engine, args) -> float:
     """The factor DeepSpeed applies to the LM loss before backward: 1 / accumulation steps (times the
-    fp16 loss scale); the sparse layers' auxiliary-loss gradients get the same factor."""
+    fp16 loss scale); what a layer's own auxiliary-loss gradients must be multiplied by too."""
     scale = 1.0 / engine.gradient_accumulation_steps()
     if args.dtype_name == "fp16":
         scale *= float(engine.optimizer.loss_scale)
     return scale
+
+
+def before_step(engine, args) -> None:
+    """The layer types' `before_step` hooks (every step: the fp16 loss scale moves)."""
+    for hook in registry.hooks(args.layer_types, "before_step"):
+        hook(engine.module, loss_scale(engine, args))
+
+
+def layer_stats(engine, args) -> dict:
+    """The layer types' statistics (a collective: every rank, every log step)."""
+    out = {}
+    for hook in registry.hooks(args.layer_types, "stats"):
+        out.update(hook(engine.module))
+    return out
 
 
 def _dp_mean(x: torch.Tensor) -> torch.Tensor:
@@ -172,11 +185,8 @@ def startup_notices(args) -> list[str]:
                    f"{args.checkpoint_num_layers} groups blocks only under the plain engine)")
     if args.ignored_keys:
         out.append(f"accepted GPT-NeoX keys with no effect here: {', '.join(sorted(set(args.ignored_keys)))}")
-    if args.dtype_name != "fp32" and "h3" in args.layer_types:
-        out.append(f"h3 under {args.dtype_name}: DeepSpeed stores every parameter in {args.dtype_name}, H3's SSM "
-                   "parameters (log_dt, log_A_real, A_imag, C) included, which moves the layer's output 5-19% "
-                   "from an fp32 run of the same weights at L 64-512; train H3 in fp32 where fidelity to fp32 "
-                   "matters (README, Fast paths)")
+    for hook in registry.hooks(args.layer_types, "notices"):
+        out += hook(args)
     return out
 
 
@@ -229,13 +239,13 @@ def run(args, summary_path: str | None = None) -> dict:
             f"{flops_tok / 1e9:.3f} GFLOP/token (fwd+bwd)"
         )
         losses, evals, last_ckpt, tput, skipped, preempted, in_a_row = [], [], None, [], [], None, 0
-        last_sparse_stats = {}
+        last_stats = {}
         opt = engine.zoo_optimizer
         for it in range(start, args.train_iters):
             # Non-finite gradients skip the step: ZeRO's optimizer detects them itself (engine.skipped_steps),
             # otherwise GuardedAdamW does; every rank reaches the same verdict.
             opt.last_skipped, ds_skipped = False, engine.skipped_steps
-            set_aux_loss_scale(aux_loss_scale(engine, args))  # every step: the fp16 loss scale moves
+            before_step(engine, args)
             loss = float(train_step(engine, train_batches, device))
             meter.tick()
             losses.append((it + 1, loss))
@@ -268,11 +278,11 @@ def run(args, summary_path: str | None = None) -> dict:
                     f"{m['s_per_step']:.3f} s/step"
                 )
                 log.scalars(step, {"loss": loss, "lr": lr, "grad_norm": gnorm, **m})
-                sparse_stats = collect_stats(engine)  # a collective: every rank, every log step
-                if sparse_stats:
-                    log.info("sparse: " + ", ".join(f"{k}={v:.4g}" for k, v in sparse_stats.items()))
-                    log.scalars(step, sparse_stats)
-                    last_sparse_stats = sparse_stats
+                stats = layer_stats(engine, args)  # a collective: every rank, every log step
+                if stats:
+                    log.info("layer stats: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+                    log.scalars(step, stats)
+                    last_stats = stats
                 meter.reset()
             if splits.valid is not None and args.eval_iters > 0 and step % args.eval_interval == 0:
                 run_idx = step // args.eval_interval - 1
@@ -303,7 +313,7 @@ def run(args, summary_path: str | None = None) -> dict:
             "start_iteration": start,
             "skipped_steps": skipped,
             "preempted_at": preempted,
-            "sparse_stats": last_sparse_stats,
+            "layer_stats": last_stats,
         }
         if losses:
             log.info(

@@ -106,6 +106,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from neox_zoology import registry
+
 GIB = 1 << 30
 GPUS = (("40 GB", int(39.5 * GIB)), ("80 GB", int(79.3 * GIB)))
 """GPU classes the plan is checked against: (name, usable bytes as torch reports the device's total)."""
@@ -560,8 +562,6 @@ def measure_regions(args, regions, first: bool, micro_batch: int, target: str,
 
 def _block_key(spec) -> tuple:
     """Blocks with equal keys have equal activations: same layer type, same per-layer arguments."""
-    from neox_zoology import registry
-
     args, _config, _number, layer_type, occurrence = spec.module_args
     per_layer = registry.get(layer_type).per_layer(args.mixer_args(layer_type), occurrence)
     return layer_type, repr(sorted(per_layer.items()))
@@ -795,8 +795,9 @@ def _stage_plan(args, index, n, state, measured, group, in_flight, mb, target) -
     for key, cost in measured["costs"].items():
         if cost.where != "meta":
             name = key if isinstance(key, str) else key[0]
+            note = registry.get(name).memory_note if name in registry.names() else ""
             notes.append(f"{name}: measured on the CPU at micro-batch 1 and scaled (its control flow reads "
-                         f"values{'; worst case: every position selected' if name == 'sparse_programmatic' else ''})")
+                         f"values{'; ' + note if note else ''})")
     return {
         "stage": index, "layers": describe(measured), "parameters_count": n,
         "parameters": state["parameters"], "gradients": state["gradients"], "optimizer": state["optimizer"],
