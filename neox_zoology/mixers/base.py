@@ -52,3 +52,31 @@ def full_then_local(full: torch.Tensor, dim: int, local: slice) -> torch.Tensor:
     index = [slice(None)] * full.dim()
     index[dim] = local
     return full[tuple(index)].contiguous()
+
+
+def column_linear_channels_first(x: torch.Tensor, linear) -> torch.Tensor:
+    """A column-parallel layer applied to x [s, b, h], returned channels-first: [b, out_local, s], contiguous.
+
+    The same product as `linear(x)` followed by `.permute(1, 2, 0)`, computed as one batched matmul
+    W @ x_b^T into the layout the convolutions want; the transposed copies this avoids (and the
+    strided gradients they leave behind) cost about as much as the product itself on CPU.
+    """
+    from neox_zoology.parallel import copy_to_tp
+
+    x = copy_to_tp(x).permute(1, 2, 0)  # [b, h, s] view
+    w = linear.weight.expand(x.shape[0], -1, -1)
+    if linear.bias is None:
+        return torch.bmm(w, x)
+    return torch.baddbmm(linear.bias[None, :, None], w, x)
+
+
+def row_linear_channels_first(z: torch.Tensor, linear) -> torch.Tensor:
+    """A row-parallel layer applied to channels-first z [b, in_local, s]: returns [s, b, out] (plus bias).
+
+    The same as `linear(z.permute(2, 0, 1))[0]`: per-rank partial products, summed over TP ranks.
+    """
+    from neox_zoology.parallel import reduce_from_tp
+
+    y = reduce_from_tp(torch.matmul(z.transpose(1, 2), linear.weight.t()))  # [b, s, out]
+    y = y.transpose(0, 1)
+    return y if linear.bias is None else y + linear.bias
