@@ -159,6 +159,26 @@ def test_fft_causal_conv_values_and_gradients_match_direct_convolution(batch_sha
     torch.testing.assert_close(k.grad.double(), k64.grad, atol=1e-5 * max(1, math.prod(batch_shape)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("skip", ["channels", "scalar"])
+def test_fft_causal_conv_skip_is_k_times_u_plus_skip_times_u(skip):
+    """`skip` is folded into the first tap: the same values and gradients as k * u + skip * u, in float64."""
+    from neox_zoology.mixers.fftconv import fft_causal_conv
+
+    torch.manual_seed(0)
+    u = torch.randn(2, 4, 19, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    D = torch.randn(4, dtype=torch.float64, requires_grad=True) if skip == "channels" else 1.0
+    g = torch.randn(2, 4, 19, dtype=torch.float64)
+    y = fft_causal_conv(u, k, skip=D)
+    ref = direct_causal_conv(u, k) + (D[:, None] if skip == "channels" else D) * u
+    leaves = [u, k] + ([D] if skip == "channels" else [])
+    grads = torch.autograd.grad((y * g).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * g).sum(), leaves)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-10)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
 def test_fft_causal_conv_keeps_bf16_in_and_out_with_fp32_inside():
     from neox_zoology.mixers.fftconv import fft_causal_conv
 

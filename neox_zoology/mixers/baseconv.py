@@ -18,7 +18,7 @@ projection to fold the gather into).
 from __future__ import annotations
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer
+from neox_zoology.mixers.base import Mixer, column_linear_channels_first, local_channels
 from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.mixers.filters import FILTER_INITS, ExplicitLongFilter, ImplicitLongFilter, ShortFilter
 from neox_zoology.parallel import ColumnLinear, copy_to_tp, gather_from_tp, tp_slice
@@ -59,17 +59,16 @@ class BaseConv(Mixer):
         """u [b, d_local, L] -> the causal filter applied per channel."""
         if self.kernel_size > 0:
             return self.filter(u)
-        y = fft_causal_conv(u, self.filter(u.shape[-1]))
-        return y + u if self.fft_skip else y
+        return fft_causal_conv(u, self.filter(u.shape[-1]), skip=1.0 if self.fft_skip else None)
 
     def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
-        u = hidden_states  # [s, b, h], replicated over TP ranks
-        gate, _ = self.proj(u)  # [s, b, h/tp]
-        local_u = copy_to_tp(u)[..., self.local]
-        conv = self.conv(local_u.permute(1, 2, 0)).permute(2, 0, 1)
+        u = copy_to_tp(hidden_states)  # [s, b, h], replicated over TP ranks
+        # channels-first [b, h/tp, s]: the filter runs along contiguous rows, the product stays in that layout
+        gate = column_linear_channels_first(u, self.proj, entered=True)
+        conv = self.conv(local_channels(u, self.local).permute(1, 2, 0).contiguous())
         if self.use_act:
             conv, gate = conv * conv.sigmoid(), gate * gate.sigmoid()
-        return gather_from_tp(conv * gate) + u, None
+        return gather_from_tp((conv * gate).permute(2, 0, 1)) + hidden_states, None
 
 
 LONG_ONLY = ("long_filter", "filter_emb_dim", "filter_hidden", "fft_skip", "filter_init")

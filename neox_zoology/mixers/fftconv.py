@@ -40,11 +40,20 @@ def fast_fft_size(n: int) -> int:
         m += 2
 
 
-def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Causal convolution of u [..., d, L] with per-channel filters k [d, Lk] (Lk <= L)."""
+def fft_causal_conv(u: torch.Tensor, k: torch.Tensor, skip=None) -> torch.Tensor:
+    """Causal convolution of u [..., d, L] with per-channel filters k [d, Lk] (Lk <= L), plus `skip` * u.
+
+    `skip` (a per-channel [d] tensor or a number) is folded into the filter's first tap,
+    k'_0 = k_0 + skip, which is the same sum: one convolution instead of a convolution, a product
+    and an add (and their gradients).
+    """
     L = u.shape[-1]
     if k.shape[-1] > L:
         raise ValueError(f"filter length {k.shape[-1]} exceeds the sequence length {L}")
+    if skip is not None:  # in >= fp32 (the FFT's precision), so a small k_0 is not rounded away next to skip
+        k = k.to(torch.promote_types(k.dtype, torch.float32))
+        skip = skip.to(k.dtype)[:, None] if torch.is_tensor(skip) else torch.full_like(k[:, :1], float(skip))
+        k = torch.cat([k[:, :1] + skip, k[:, 1:]], dim=-1)
     if FlashFFTConv is not None and u.is_cuda and u.dim() == 3:
         size = flash_fft_size(L, u.shape[1], u.dtype)
         if size is not None:

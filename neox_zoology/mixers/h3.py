@@ -158,7 +158,7 @@ class H3(Mixer):
         q, k, v = qkv.view(b, H, 3, P, s).unbind(2)  # each [b, H, P, s]
         k = k.reshape(b, H * P, s)
         taps = shift_kernel(self.shift_C, self.shift_B)[:, :s]
-        k = fft_causal_conv(k, taps) + self.D_k[:, None] * k
+        k = fft_causal_conv(k, taps, skip=self.D_k)  # shift SSM + D_k k
         kv = k.view(b, H, P, 1, s) * v.view(b, H, 1, P, s)  # [b, H, P_i, P_j, s]
         kv = kv.reshape(b, H * P * P, s)
         # every (i, j) pair of a head shares the head's kernel and skip
@@ -166,7 +166,7 @@ class H3(Mixer):
         Dh = self.D
         if P > 1:
             K, Dh = K.repeat_interleave(P * P, dim=0), Dh.repeat_interleave(P * P)
-        ssm_out = (fft_causal_conv(kv, K) + Dh[:, None] * kv).view(b, H, P, P, s)
+        ssm_out = fft_causal_conv(kv, K, skip=Dh).view(b, H, P, P, s)  # diagonal SSM + D kv
         o = (q.unsqueeze(3) * ssm_out).sum(2) if P > 1 else q * ssm_out[:, :, 0]  # sum over i: [b, H, P_j, s]
         return row_linear_channels_first(o.reshape(b, H * P, s), self.out_proj), None
 

@@ -138,7 +138,7 @@ class Hyena(Mixer):
         u = self.short_filter(u)
         x1, x2, v = u.view(b, self.local_channels, 3, s).unbind(2)
         v = v * x1
-        v = fft_causal_conv(v, self.filter(s)) + self.D[:, None] * v
+        v = fft_causal_conv(v, self.filter(s), skip=self.D)  # h * v + D v
         return row_linear_channels_first(v * x2, self.out_proj), None
 
 

@@ -25,7 +25,7 @@ chunk (the chunk's own positions plus the state entering it) whose exponents are
 -(t-1-i) w + k_i and shifted by their row maximum before `exp`; the state entering each chunk is the
 same decayed sum over chunk summaries (decay T w per chunk), computed by the same function
 recursively. Every sum is carried as (a, p) with value a e^p, so nothing overflows for any k or w,
-and no exponent is formed as a difference of large numbers. fp32 throughout. Channels are processed
+and no exponent is formed as a difference of large numbers. fp32 throughout (fp64 for fp64 inputs). Channels are processed
 in blocks, each checkpointed: the [., T, T+1] temporaries exist for one block at a time and are
 recomputed in backward instead of stored (T = 4 and ~1M-element blocks measured fastest on CPU: 1.6x
 faster than T = 8 unblocked).
@@ -116,15 +116,16 @@ on its own, so the [.., T, T+1] temporaries (recomputed in backward) exist for o
 
 def wkv(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         chunk: int = 4) -> torch.Tensor:
-    """RWKV-4 WKV for k, v [B, C, L] and per-channel time_decay, time_first [C]; fp32 inside."""
+    """RWKV-4 WKV for k, v [B, C, L] and per-channel time_decay, time_first [C]; fp32 inside (fp64 for fp64 k)."""
     B, C, L = k.shape
+    real = torch.float64 if k.dtype == torch.float64 else torch.float32
     step = max(1, min(C, BLOCK_ELEMENTS // max(B * L, 1)))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (time_decay, time_first, k, v))
     outs = []
     for c0 in range(0, C, step):
         blk = slice(c0, c0 + step)
-        args = (time_decay[blk].float(), time_first[blk].float(), k[:, blk].float().contiguous(),
-                v[:, blk].float().contiguous(), chunk)
+        args = (time_decay[blk].to(real), time_first[blk].to(real), k[:, blk].to(real).contiguous(),
+                v[:, blk].to(real).contiguous(), chunk)
         outs.append(checkpoint(_wkv, *args, use_reentrant=False) if grad else _wkv(*args))
     return torch.cat(outs, dim=1).to(v.dtype) if len(outs) > 1 else outs[0].to(v.dtype)
 
