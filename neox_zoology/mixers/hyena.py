@@ -24,15 +24,17 @@ zoology's optimizer trains every parameter, ignoring the lr the module asks for;
 them, as a buffer). The filter, z included, gets no weight decay (kernel parameters, see
 `exclude_from_weight_decay`); zoology's MQAR trainer decays every parameter.
 
-Deliberate choices against the references:
-- The filter uses the model's learning rate (the references give the filter MLP its own lr).
+The filter uses the model's learning rate: the references' filter modules ask for lr 1e-3 through an
+`_optim` attribute, which zoology's trainer ignores and safari's Pile config sets to the model's lr.
+
+Deliberate choice against the references:
 - in_proj's 3d outputs are laid out channel-major, stream-minor ([c, (x1, x2, v)]) rather than
   [x1 | x2 | v], so that a contiguous tensor-parallel shard holds matching channels of all three
   streams. Initialisation is i.i.d., so this is only a relabelling of rows.
 
 Tensor parallelism: channels split. in_proj is column-parallel (interleaved layout above), the short
 conv, D, the modulation deltas and the filter's last Linear hold this rank's channels, out_proj is
-row-parallel. The filter's inner MLP is replicated; its input to the last Linear enters the TP
+row-parallel. The filter's inner MLP (and z) is replicated; its input to the last Linear enters the TP
 region through `copy_to_tp`, so its gradients are summed over all channels.
 """
 from __future__ import annotations
