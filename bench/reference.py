@@ -466,7 +466,7 @@ def parse(argv=None):
     p.add_argument("--parity-len", type=int, default=256)
     p.add_argument("--init-hidden", type=int, nargs="+", default=[64, 1024])
     p.add_argument("--init-len", type=int, default=512)
-    p.add_argument("--init-seeds", type=int, default=4)
+    p.add_argument("--init-seeds", type=int, default=4, help="0: no init statistics")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--md", default=None)
@@ -558,7 +558,7 @@ def main(argv=None) -> dict:
             continue
         log(f"{variant}: parity")
         entry["parity"] = parity(refs, variant, ns.parity_hidden, ns.parity_len)
-        if OURS[variant][2] and refs._init_weights is not None:
+        if OURS[variant][2] and refs._init_weights is not None and ns.init_seeds > 0:
             log(f"{variant}: init statistics")
             entry["init"] = [init_statistic(refs, variant, d, ns.init_len, ns.init_seeds) for d in ns.init_hidden]
         if not ns.no_speed:
