@@ -114,6 +114,17 @@ def _checkpoint(d):
     return rows
 
 
+def _reference(d):
+    if d.get("skipped"):
+        return [(f"skipped: {d['skipped']}", None, None, None)]
+    rows = []
+    for t in d.get("targets", []):
+        th = t["threshold"]
+        target = f"within [{th[0]:.3g}, {th[1]:.3g}]" if isinstance(th, list) else f"<= {_fmt(th)}"
+        rows.append((t["target"] + (f" ({t['note']})" if t.get("note") else ""), t["value"], target, t["met"]))
+    return rows
+
+
 def _cmp(value, target: str | None):
     """`target` like '<= 0.5' or '>= 1.3'."""
     if value is None or not target:
@@ -130,6 +141,7 @@ EXTRACTORS = {
     "trainer_overhead": _trainer_overhead,
     "train_throughput": _train_throughput,
     "mixers": _mixers,
+    "reference": _reference,
     "sparse": _sparse,
     "activation_checkpointing": _activation_checkpointing,
     "memory_plan": _memory_plan,

@@ -302,6 +302,31 @@ def read_reference(path, key: str = "ar_eval.reference") -> dict:
         raise ARSliceError(f"{key}: {p} is not valid JSON ({exc})") from None
 
 
+def frequency_matched(doc: dict) -> dict | None:
+    """AR hits against other tokens of the same bigram training frequency (the per-frequency curves).
+
+    `unseen`: mean NLL of AR hits and of other tokens whose bigram never occurred in training (count 0).
+    `matched_gap`: the AR hits' NLL minus the other tokens' NLL in the same frequency bucket, averaged
+    over the AR hits (buckets holding both). A model that recalls from its context predicts an AR hit
+    far better than another token of equal training frequency (negative gap); without recall the gap
+    is ~0, and the overall AR-hit perplexity differs from the other tokens' only through how AR hits
+    are spread over frequencies. None when no bucket holds both.
+    """
+    rows = [b for b in doc.get("by_frequency", []) if b["ar_hits"]["tokens"] and b["other"]["tokens"]]
+    if not rows:
+        return None
+    n = sum(b["ar_hits"]["tokens"] for b in rows)
+    gap = sum(b["ar_hits"]["tokens"] * (b["ar_hits"]["nll"] - b["other"]["nll"]) for b in rows) / n
+    zero = next((b for b in rows if b["max_count"] == 0), None)
+    unseen = None if zero is None else {"ar_hits_nll": zero["ar_hits"]["nll"], "ar_hits_tokens": zero["ar_hits"]["tokens"],
+                                        "other_nll": zero["other"]["nll"], "other_tokens": zero["other"]["tokens"]}
+    return {"matched_gap": gap, "ar_hits_matched": n, "unseen": unseen}
+
+
+RECALL_GAP = -0.5
+"""Frequency-matched gap (nats) below which the demo reads the model as recalling from its context."""
+
+
 def format_summary(doc: dict) -> str:
     def ppl(s):
         return "n/a" if s.get("ppl") is None else f"{s['ppl']:.2f}"

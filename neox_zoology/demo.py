@@ -1,11 +1,18 @@
 """`make demo`: train the CPU demo hybrid on 2 local CPU ranks through the real `deepspeed` launcher.
 
-Prints the first and last training loss, the checkpoint path, the throughput and the wall time, and
-ends with the AR-slice summary of the final checkpoint: the training bigram counts of the demo corpus
-are built first (data/demo/bigrams_train.npz, by tokenization.bigrams over the training documents of the
-config's split), the after-checkpoint evaluation is switched on with
-`--set ar_eval=...`, and when the checkpoint has no ar_slice.json the standalone evaluation
-(`python -m eval.ar_slice`) computes it.
+Prints the first and last training loss, the checkpoint path, the throughput and the wall time, then
+the AR-slice summary of the final checkpoint: the training bigram counts of the demo corpus are built
+first (data/demo/bigrams_train.npz, by tokenization.bigrams over the training documents of the config's
+split), the after-checkpoint evaluation is switched on with `--set ar_eval=...`, and when the checkpoint
+has no ar_slice.json the standalone evaluation (`python -m eval.ar_slice`) computes it.
+
+The AR slice is read against the same run's per-frequency curves (`eval.ar_slice.frequency_matched`):
+at demo scale the model does not recall from its context yet, so AR hits score like other tokens of
+the same bigram frequency, and the overall "AR hits worse than other tokens" only reflects that AR
+hits are rarer bigrams -- not the paper's finding. The contrast that is real at this scale comes last:
+two MQAR runs (L 64, 4 key-value pairs, d 64, 600 steps; the `cpu` sweep's settings and learning rates,
+one process each), BaseConv alone against BaseConv with attention as its second layer (`--no-mqar`
+skips them).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--set", action="append", default=[], dest="sets", help="forwarded to train.py")
+    p.add_argument("--no-mqar", action="store_true", help="skip the closing MQAR contrast")
     ns = p.parse_args(argv)
 
     run_dir = Path(ns.run_dir)
@@ -62,7 +70,11 @@ def main(argv=None) -> int:
     print(f"  checkpoint      {s['checkpoint']}")
     print(f"  tensorboard     {run_dir}/tensorboard")
     if bigrams and s["checkpoint"]:
-        return _ar_slice_summary(Path(s["checkpoint"]), bigrams, env)
+        rc = _ar_slice_summary(Path(s["checkpoint"]), bigrams, env)
+        if rc:
+            return rc
+    if not ns.no_mqar:
+        _mqar_contrast(ns.ranks)
     return 0
 
 
@@ -125,10 +137,74 @@ def _ar_slice_summary(ckpt: Path, bigrams: str, env: dict) -> int:
         if rc != 0 or not result.exists():
             print(f"AR-slice evaluation of {ckpt} failed (exit {rc}): {' '.join(cmd)}", file=sys.stderr)
             return rc or 1
+    doc = json.loads(result.read_text())
     print()
-    print(ar_slice.format_summary(json.loads(result.read_text())))
+    print(ar_slice.format_summary(doc))
     print(f"  results         {result} (plot: {result.with_suffix('.png').name})")
+    print(reading(doc))
     return 0
+
+
+def reading(doc: dict) -> str:
+    """What the demo's AR slice does and does not show, from its per-frequency curves."""
+    from eval import ar_slice
+
+    m = ar_slice.frequency_matched(doc)
+    if m is None:
+        return "  reading         no frequency bucket holds both AR hits and other tokens"
+    lines = []
+    if m["unseen"]:
+        u = m["unseen"]
+        lines.append(f"  unseen bigrams  AR hits {u['ar_hits_nll']:.2f} nats ({u['ar_hits_tokens']:,} tokens) vs other "
+                     f"tokens {u['other_nll']:.2f} nats ({u['other_tokens']:,}): bigrams never seen in training, "
+                     f"predictable only by recalling the context")
+    lines.append(f"  matched gap     AR hits {m['matched_gap']:+.2f} nats vs other tokens of the same bigram frequency "
+                 f"(over {m['ar_hits_matched']:,} AR hits)")
+    if m["matched_gap"] > ar_slice.RECALL_GAP:
+        lines.append("  reading         at this scale the model does not recall from its context yet: AR hits score "
+                     "like other tokens of their frequency, so 'AR hits worse than other tokens' above only "
+                     "says AR hits are rarer bigrams. It is not the paper's finding (360M models, 10B tokens); "
+                     "the MQAR runs below show the recall gap that is real at this size.")
+    else:
+        lines.append("  reading         AR hits score better than other tokens of their frequency: the model "
+                     "recalls from its context.")
+    return "\n".join(lines)
+
+
+MQAR_CONTRAST = {"seq_len": 64, "kv": 4, "d_model": 64, "steps": 600,
+                 "runs": [("baseconv", 3e-3), ("baseconv+attention", 1e-3)]}
+
+
+def _mqar_run(item):
+    import torch
+
+    from eval.mqar import configs
+    from eval.mqar.sweep import train_one
+
+    pattern, lr = item
+    torch.set_num_threads(1)
+    cfg = configs.get("cpu")
+    cfg["steps"] = {str(MQAR_CONTRAST["seq_len"]): MQAR_CONTRAST["steps"]}
+    return pattern, train_one(cfg, pattern, MQAR_CONTRAST["seq_len"], MQAR_CONTRAST["kv"], MQAR_CONTRAST["d_model"], lr)
+
+
+def _mqar_contrast(workers: int) -> None:
+    import multiprocessing as mp
+
+    c = MQAR_CONTRAST
+    print()
+    print(f"MQAR (L {c['seq_len']}, {c['kv']} key-value pairs, d {c['d_model']}, {c['steps']} steps, 2 layers, no MLP):",
+          flush=True)
+    t0 = time.perf_counter()
+    with mp.get_context("fork").Pool(max(1, min(workers, len(c["runs"])))) as pool:
+        results = pool.map(_mqar_run, c["runs"])
+    acc = {}
+    for pattern, r in results:
+        acc[pattern] = r["accuracy"]
+        print(f"  {pattern:<20} test accuracy {100 * r['accuracy']:.1f}% (lr {r['lr']:g}, {r['steps']} steps)")
+    diff = 100 * (acc["baseconv+attention"] - acc["baseconv"])
+    print(f"  contrast        attention as the second layer: {diff:+.1f} points of keys recalled "
+          f"({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -322,3 +322,40 @@ def test_demo_counts_the_training_documents_of_its_split_once(tiny_corpus, tiny_
     assert demo._demo_bigram_counts(str(config)) == path  # another split: counted again
     train, valid, _ = bigrams.split_documents(prefix, "90,10,0")
     assert ar_slice.load_bigram_counts(path).train_parts == [train]
+
+
+def _freq_doc(rows):
+    """An ar_slice.json with only `by_frequency` rows: (min, max, ar tokens, ar nll, other tokens, other nll)."""
+    return {"by_frequency": [{"min_count": lo, "max_count": hi, "ar_hits": {"tokens": na, "nll": la},
+                              "other": {"tokens": no, "nll": lo_nll}} for lo, hi, na, la, no, lo_nll in rows]}
+
+
+def test_frequency_matched_gap_weights_buckets_by_their_ar_hits():
+    doc = _freq_doc([(0, 0, 30, 7.3, 500, 7.4), (1, 1, 10, 5.0, 200, 4.0), (2, 3, 0, None, 100, 3.0)])
+    m = ar_slice.frequency_matched(doc)
+    assert m["ar_hits_matched"] == 40
+    assert m["matched_gap"] == pytest.approx((30 * -0.1 + 10 * 1.0) / 40)
+    assert m["unseen"] == {"ar_hits_nll": 7.3, "ar_hits_tokens": 30, "other_nll": 7.4, "other_tokens": 500}
+    assert ar_slice.frequency_matched(_freq_doc([(2, 3, 0, None, 100, 3.0)])) is None
+
+
+def test_demo_reads_no_recall_when_ar_hits_score_like_their_frequency():
+    from neox_zoology import demo
+
+    text = demo.reading(_freq_doc([(0, 0, 30, 7.30, 500, 7.40), (1, 1, 10, 5.0, 200, 5.1)]))
+    assert "AR hits 7.30 nats (30 tokens) vs other tokens 7.40 nats (500)" in text
+    assert "does not recall from its context yet" in text and "not the paper's finding" in text
+    text = demo.reading(_freq_doc([(0, 0, 30, 2.0, 500, 7.4)]))
+    assert "recalls from its context" in text and "not the paper's finding" not in text
+
+
+def test_demo_mqar_contrast_trains_both_patterns(monkeypatch, capsys):
+    from neox_zoology import demo
+
+    monkeypatch.setattr(demo, "MQAR_CONTRAST", {**demo.MQAR_CONTRAST, "seq_len": 32, "kv": 2, "d_model": 16,
+                                                "steps": 3})
+    demo._mqar_contrast(workers=2)
+    out = capsys.readouterr().out
+    assert "MQAR (L 32, 2 key-value pairs, d 16, 3 steps" in out
+    assert "baseconv             test accuracy" in out and "baseconv+attention   test accuracy" in out
+    assert "contrast        attention as the second layer:" in out

@@ -48,10 +48,13 @@ def test_attention_matches_dense_masked_reference(name, window):
     torch.testing.assert_close(m(x), dense_attention_reference(m, x, window), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layer_index,kind", [(0, "short"), (1, "implicit")])
-def test_baseconv_matches_direct_convolution(layer_index, kind):
+@pytest.mark.parametrize("layer_index,kind,fft_skip", [(0, "short", True), (1, "implicit", True),
+                                                         (1, "implicit", False)])
+def test_baseconv_matches_direct_convolution(layer_index, kind, fft_skip):
+    """Short filter: Conv1d taps, never a skip; long filter: k * u, plus u with `fft_skip` (the default)."""
     torch.manual_seed(0)
-    m = neox_zoology.build_mixer("baseconv", hidden_size=D, seq_length=L, layer_index=layer_index, batch_first=False)
+    m = neox_zoology.build_mixer("baseconv", hidden_size=D, seq_length=L, layer_index=layer_index, batch_first=False,
+                                 fft_skip=fft_skip)
     bc = m.mixer
     x = torch.randn(L, 2, D)
     u = x.permute(1, 2, 0)  # [b, d, L]
@@ -59,16 +62,16 @@ def test_baseconv_matches_direct_convolution(layer_index, kind):
         k = bc.filter.weight[:, 0, :].flip(-1)  # Conv1d correlates: tap j of the causal filter is w[k-1-j]
         conv = direct_causal_conv(u, k) + bc.filter.bias[None, :, None]
     else:
-        conv = direct_causal_conv(u, bc.filter(L))
+        conv = direct_causal_conv(u, bc.filter(L)) + (u if fft_skip else 0)
     gate = F.linear(x, bc.proj.weight, bc.proj.bias).permute(1, 2, 0)
     ref = (conv * gate + u).permute(2, 0, 1)
     torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_baseconv_explicit_long_filter_and_fft_skip():
+def test_baseconv_explicit_long_filter_has_the_fft_skip_by_default():
     torch.manual_seed(0)
     m = neox_zoology.build_mixer("baseconv", hidden_size=D, seq_length=L, kernel_sizes=[-1], long_filter="explicit",
-                                 fft_skip=True, batch_first=False)
+                                 batch_first=False)
     bc = m.mixer
     x = torch.randn(L, 2, D)
     u = x.permute(1, 2, 0)
@@ -80,6 +83,7 @@ def test_baseconv_explicit_long_filter_and_fft_skip():
 CASES = [
     ("attention", {}, 0), ("sliding_window", {"window": 5}, 0),
     ("baseconv", {}, 0), ("baseconv", {}, 1), ("baseconv", {"kernel_sizes": [-1], "long_filter": "explicit"}, 0),
+    ("baseconv", {"fft_skip": False, "filter_init": "kaiming_uniform"}, 1),
 ]
 
 
@@ -153,6 +157,26 @@ def test_fft_causal_conv_values_and_gradients_match_direct_convolution(batch_sha
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(u.grad.double(), u64.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k.grad.double(), k64.grad, atol=1e-5 * max(1, math.prod(batch_shape)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("skip", ["channels", "scalar"])
+def test_fft_causal_conv_skip_is_k_times_u_plus_skip_times_u(skip):
+    """`skip` is folded into the first tap: the same values and gradients as k * u + skip * u, in float64."""
+    from neox_zoology.mixers.fftconv import fft_causal_conv
+
+    torch.manual_seed(0)
+    u = torch.randn(2, 4, 19, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    D = torch.randn(4, dtype=torch.float64, requires_grad=True) if skip == "channels" else 1.0
+    g = torch.randn(2, 4, 19, dtype=torch.float64)
+    y = fft_causal_conv(u, k, skip=D)
+    ref = direct_causal_conv(u, k) + (D[:, None] if skip == "channels" else D) * u
+    leaves = [u, k] + ([D] if skip == "channels" else [])
+    grads = torch.autograd.grad((y * g).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * g).sum(), leaves)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-10)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 def test_fft_causal_conv_keeps_bf16_in_and_out_with_fp32_inside():

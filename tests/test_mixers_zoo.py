@@ -83,6 +83,18 @@ def test_hyena_matches_direct_convolution(kw):
 # ---------------------------------------------------------------------------------------------- h3
 
 
+def h3_discrete(ssm, discretization):
+    """(z, B_bar, C) of the diagonal SSM in float64: x(t) = z x(t-1) + B_bar u(t), y(t) = 2 Re(C x(t))."""
+    dt = ssm.log_dt.double().exp()[:, None]
+    A = torch.complex(-ssm.log_A_real.double().exp(), ssm.A_imag.double())
+    B = torch.view_as_complex(ssm.B.double().contiguous()) if ssm.B is not None else torch.ones_like(A)
+    if discretization == "zoh":
+        z, B_bar = torch.exp(dt * A), B * (torch.exp(dt * A) - 1) / A
+    else:  # bilinear
+        z, B_bar = (1 + dt * A / 2) / (1 - dt * A / 2), B * dt / (1 - dt * A / 2)
+    return z, B_bar, torch.view_as_complex(ssm.C.double().contiguous())
+
+
 def h3_reference(h3, x):
     """H3 with both SSMs run as explicit per-position recurrences (float64)."""
     s, b, d = x.shape
@@ -90,40 +102,40 @@ def h3_reference(h3, x):
     H = d // P
     qkv = F.linear(x, h3.qkv.weight, h3.qkv.bias).double().view(s, b, H, 3, P)
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [s, b, H, P]
-    # shift SSM: the state is the last N inputs, read out by C
+    # shift SSM: the state x_n(t) = k(t - n) holds the last N inputs (B = e_0 enters at n = 0, A shifts);
+    # with a trained B, x(t) = shift(x(t-1)) + B k(t), read out by C: y(t) = sum_n C_n x_n(t)
     C_shift = h3.shift_C.double().view(H, P, -1)
-    window = torch.zeros(b, H, P, C_shift.shape[-1], dtype=torch.float64)
+    B_shift = (h3.shift_B.double() if h3.shift_B is not None else F.one_hot(torch.tensor(0), C_shift.shape[-1])
+               .double().expand(d, -1)).reshape(H, P, -1)
+    state = torch.zeros(b, H, P, C_shift.shape[-1], dtype=torch.float64)
     k_out = []
     for t in range(s):
-        window = torch.cat([k[t][..., None], window[..., :-1]], dim=-1)
-        k_out.append((window * C_shift).sum(-1) + h3.D_k.double().view(H, P) * k[t])
-    # diagonal SSM, zero-order hold: x(t) = e^{dt A} x(t-1) + (e^{dt A} - 1) / A u(t); y = 2 Re(C x) + D u
-    ssm = h3.ssm
-    dt = ssm.log_dt.double().exp()[:, None]
-    A = torch.complex(-ssm.log_A_real.double().exp(), ssm.A_imag.double())
-    dA, dB = torch.exp(dt * A), (torch.exp(dt * A) - 1) / A
-    C = torch.view_as_complex(ssm.C.double().contiguous())
-    state = torch.zeros(b, H, P, P, A.shape[-1], dtype=torch.complex128)
+        state = F.pad(state[..., :-1], (1, 0)) + B_shift * k[t][..., None]
+        k_out.append((state * C_shift).sum(-1) + h3.D_k.double().view(H, P) * k[t])
+    # diagonal SSM: x(t) = z x(t-1) + B_bar u(t); y = 2 Re(C x) + D u
+    z, B_bar, C = h3_discrete(h3.ssm, h3.ssm.discretization)
+    state = torch.zeros(b, H, P, P, z.shape[-1], dtype=torch.complex128)
     out = []
     for t in range(s):
         kv = k_out[t][..., :, None] * v[t][..., None, :]  # [b, H, P_i, P_j]
-        state = dA[:, None, None] * state + dB[:, None, None] * kv[..., None]
+        state = z[:, None, None] * state + B_bar[:, None, None] * kv[..., None]
         y = 2 * (state * C[:, None, None]).sum(-1).real + h3.D.double().view(H, 1, 1) * kv
         out.append((q[t][..., :, None] * y).sum(-2))  # sum over i
     o = torch.stack(out).reshape(s, b, d).float()
     return F.linear(o, h3.out_proj.weight, h3.out_proj.bias)
 
 
+@pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
 @pytest.mark.parametrize("L_long", [1, 2, 1000, 1031])
-def test_h3_kernel_matches_closed_form_at_long_lengths(L_long):
-    """The sqrt(L)-split Vandermonde product equals K(l) = 2 Re sum_n C' e^{l dt A}, formed directly in float64."""
+def test_h3_kernel_matches_closed_form_at_long_lengths(L_long, discretization):
+    """The sqrt(L)-split Vandermonde product equals K(l) = 2 Re sum_n C B_bar z^l, formed directly in float64."""
     torch.manual_seed(0)
-    ssm = build("h3", seq_length=max(L_long, 8), d_state=16).mixer.ssm
-    dt = ssm.log_dt.double().exp()[:, None]
-    A = torch.complex(-ssm.log_A_real.double().exp(), ssm.A_imag.double())
-    C = torch.view_as_complex(ssm.C.double().contiguous()) * (torch.exp(dt * A) - 1) / A
+    ssm = build("h3", seq_length=max(L_long, 8), d_state=16, discretization=discretization).mixer.ssm
+    with torch.no_grad():  # a B away from its init value 1
+        ssm.B.add_(0.3 * torch.randn_like(ssm.B))
+    z, B_bar, C = h3_discrete(ssm, discretization)
     l = torch.arange(L_long, dtype=torch.float64)
-    ref = 2 * torch.einsum("hn,hnl->hl", C, torch.exp((dt * A)[..., None] * l)).real
+    ref = 2 * torch.einsum("hn,hnl->hl", C * B_bar, z[..., None] ** l).real
     K = ssm(L_long)
     assert K.shape == ref.shape and K.dtype == torch.float32
     torch.testing.assert_close(K.double(), ref, atol=2e-5 * ref.abs().max().item(), rtol=1e-4)
@@ -147,10 +159,15 @@ def test_short_filter_shift_add_and_fft_paths_equal_conv1d():
             torch.testing.assert_close(a, b, atol=10 * tol, rtol=tol, msg=f"kernel_size {k}: grad {name}")
 
 
-@pytest.mark.parametrize("kw", [{}, {"head_dim": 2, "d_state": 8}, {"head_dim": 4, "d_state": 16}])
+@pytest.mark.parametrize("kw", [{}, {"head_dim": 2, "d_state": 8}, {"head_dim": 4, "d_state": 16},
+                                {"discretization": "zoh"}, {"train_B": False, "head_dim": 2, "d_state": 8}])
 def test_h3_matches_per_position_recurrences(kw):
     torch.manual_seed(0)
     m = build("h3", **kw)
+    with torch.no_grad():  # trained B, away from their init values (e_0 and 1)
+        for p in (m.mixer.shift_B, m.mixer.ssm.B):
+            if p is not None:
+                p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(L, 2, D)
     assert_rel_close(m(x), h3_reference(m.mixer, x))
 
@@ -347,9 +364,10 @@ def test_long_conv_matches_direct_convolution(glu, init_scale):
 # ------------------------------------------------------------------------- all: causality, TP, sizes
 
 CASES = [
-    ("hyena", {}), ("hyena", {"short_filter_order": 4, "modulate": False}),
-    ("h3", {}), ("h3", {"head_dim": 4, "d_state": 8}),
-    ("rwkv", {}), ("rwkv", {"wkv_chunk": 5}),
+    ("hyena", {}), ("hyena", {"short_filter_order": 4, "modulate": False, "train_pos_emb": False,
+                              "filter_init": "kaiming_uniform"}),
+    ("h3", {}), ("h3", {"head_dim": 4, "d_state": 8, "discretization": "zoh", "train_B": False}),
+    ("rwkv", {}), ("rwkv", {"wkv_chunk": 5, "projection_init": "init_method"}),
     ("long_conv", {"init_scale": 0.05}),
 ]
 
@@ -404,10 +422,12 @@ def param_count(name, d, L, args):
     """Parameters per layer (mixer only), as documented for sizing configs."""
     if name == "hyena":
         o, k, e = args["filter_order"], args["short_filter_order"], args["emb_dim"]
-        return 4 * d * d + d * (3 * k + 8 + o) + 2 * o * o + (e + 4) * o
+        z = L * e if args["train_pos_emb"] else 0  # trained positional features
+        return 4 * d * d + d * (3 * k + 8 + o) + 2 * o * o + (e + 4) * o + z
     if name == "h3":
         n, heads = args["d_state"], d // args["head_dim"]
-        return 4 * d * d + 5 * d + d * n + heads * (2 * n + 2)
+        trained_B = d * n + heads * n if args["train_B"] else 0  # shift B [d, N]; diagonal B, N/2 complex per head
+        return 4 * d * d + 5 * d + d * n + heads * (2 * n + 2) + trained_B
     if name == "rwkv":
         return 4 * d * d + 5 * d
     if name == "long_conv":
@@ -450,6 +470,11 @@ BAD_ARGS = [
     ("hyena", {"emb_dim": 4}, "hyena.emb_dim"),
     ("hyena", {"filter_order": 0}, "hyena.filter_order"),
     ("hyena", {"modulate": "yes"}, "hyena.modulate"),
+    ("hyena", {"train_pos_emb": 1}, "hyena.train_pos_emb"),
+    ("hyena", {"filter_init": "xavier"}, "hyena.filter_init: 'xavier'; use 'normal' or 'kaiming_uniform'"),
+    ("h3", {"discretization": "foh"}, "h3.discretization: 'foh'; use 'bilinear'"),
+    ("h3", {"train_B": "yes"}, "h3.train_B"),
+    ("rwkv", {"projection_init": "normal"}, "rwkv.projection_init: 'normal'"),
     ("h3", {"d_state": 0}, "h3.d_state: 0; use a positive even int"),
     ("h3", {"d_state": 7}, "h3.d_state: 7"),
     ("h3", {"head_dim": 5}, "h3.head_dim: 5; use a positive int that divides hidden_size 32"),
@@ -485,8 +510,9 @@ def test_config_reports_h3_heads_that_do_not_split():
 
 
 @pytest.mark.parametrize("name,kw,no_decay", [
-    ("hyena", {}, {"filter.inner.0.weight", "filter.inner.1.weight", "filter.inner.2.weight", "filter.out_weight"}),
-    ("h3", {}, {"shift_C", "ssm.C", "ssm.log_A_real", "ssm.A_imag"}),
+    ("hyena", {}, {"filter.z", "filter.inner.0.weight", "filter.inner.1.weight", "filter.inner.2.weight",
+                   "filter.out_weight"}),
+    ("h3", {}, {"shift_C", "shift_B", "ssm.C", "ssm.B", "ssm.log_A_real", "ssm.A_imag"}),
     ("baseconv", {"kernel_sizes": [-1], "long_filter": "explicit"}, {"filter.weight"}),
     ("baseconv", {"kernel_sizes": [-1]}, {"filter.inner.weight", "filter.outer.weight"}),
     ("long_conv", {}, {"filter.weight"}),

@@ -52,3 +52,40 @@ def full_then_local(full: torch.Tensor, dim: int, local: slice) -> torch.Tensor:
     index = [slice(None)] * full.dim()
     index[dim] = local
     return full[tuple(index)].contiguous()
+
+
+def column_linear_channels_first(x: torch.Tensor, linear, entered: bool = False) -> torch.Tensor:
+    """A column-parallel layer applied to x [s, b, h], returned channels-first: [b, out_local, s], contiguous.
+
+    The same product as `linear(x)` followed by `.permute(1, 2, 0)`, computed as one batched matmul
+    W @ x_b^T into the layout the convolutions want; the transposed copies this avoids (and the
+    strided gradients they leave behind) cost about as much as the product itself on CPU.
+    `entered`: x already went through `copy_to_tp`.
+    """
+    from neox_zoology.parallel import copy_to_tp
+
+    x = (x if entered else copy_to_tp(x)).permute(1, 2, 0)  # [b, h, s] view
+    w = linear.weight.expand(x.shape[0], -1, -1)
+    if linear.bias is None:
+        return torch.bmm(w, x)
+    return torch.baddbmm(linear.bias[None, :, None], w, x)
+
+
+def row_linear_channels_first(z: torch.Tensor, linear) -> torch.Tensor:
+    """A row-parallel layer applied to channels-first z [b, in_local, s]: returns [s, b, out] (plus bias).
+
+    The same as `linear(z.permute(2, 0, 1))[0]`: per-rank partial products, summed over TP ranks.
+    """
+    from neox_zoology.parallel import reduce_from_tp
+
+    w = linear.weight.t().expand(z.shape[0], -1, -1)
+    y = reduce_from_tp(torch.bmm(z.transpose(1, 2), w))  # [b, s, out]
+    y = y.transpose(0, 1)
+    return y if linear.bias is None else y + linear.bias
+
+
+def local_channels(x: torch.Tensor, local: slice) -> torch.Tensor:
+    """x[..., local]; x itself when the slice is every channel (TP = 1), so backward adds no zero-fill."""
+    if local.start in (0, None) and local.stop in (x.shape[-1], None):
+        return x
+    return x[..., local]

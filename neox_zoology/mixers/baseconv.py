@@ -5,8 +5,11 @@ convolution over the whole sequence (kernel_size -1), implicit (an MLP over posi
 explicit (a learned d x L filter). `kernel_sizes` cycles over the BaseConv layers of a model in
 order, like Zoology's `kernel_size=[3, -1]` list (the j-th BaseConv layer gets entry j mod len).
 
-Zoology's fft_conv hard-wires a skip (k*u + u) that the paper's listing does not have; we follow the
-paper and offer the quirk as `fft_skip: true`.
+As in the reference code (zoology's `fft_conv`), the long convolution carries a skip: conv(u) = k*u + u,
+so a long layer computes (k*u + u) * (W u + b) + u (`fft_skip: true`, the default). The paper's listing
+has no such skip: `fft_skip: false`. Short filters never have it. The implicit filter's MLP starts as the
+reference's language model initialises it (`filter_init: normal`: N(0, init_method_std), zero biases);
+`filter_init: kaiming_uniform` keeps nn.Linear's default instead (see filters.FILTER_INITS).
 
 Tensor parallelism: channels split. W is column-parallel, the filter and the gate are computed on
 the local channels, and the product is all-gathered back to [s, b, h] (BaseConv has no output
@@ -15,9 +18,9 @@ projection to fold the gather into).
 from __future__ import annotations
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer
+from neox_zoology.mixers.base import Mixer, column_linear_channels_first, local_channels
 from neox_zoology.mixers.fftconv import fft_causal_conv
-from neox_zoology.mixers.filters import ExplicitLongFilter, ImplicitLongFilter, ShortFilter
+from neox_zoology.mixers.filters import FILTER_INITS, ExplicitLongFilter, ImplicitLongFilter, ShortFilter
 from neox_zoology.parallel import ColumnLinear, copy_to_tp, gather_from_tp, tp_slice
 from neox_zoology.registry import MixerSpec, register
 
@@ -33,8 +36,9 @@ class BaseConv(Mixer):
         long_filter: str = "implicit",
         filter_emb_dim: int = 3,
         filter_hidden: int = 16,
-        fft_skip: bool = False,
+        fft_skip: bool = True,
         use_act: bool = False,
+        filter_init: str = "normal",
         **stack_kwargs,
     ):
         super().__init__(config, layer_number, **stack_kwargs)
@@ -47,7 +51,7 @@ class BaseConv(Mixer):
         if kernel_size > 0:
             self.filter = ShortFilter(d, kernel_size, config.params_dtype)
         elif long_filter == "implicit":
-            self.filter = ImplicitLongFilter(d, seq_length, config, filter_emb_dim, filter_hidden)
+            self.filter = ImplicitLongFilter(d, seq_length, config, filter_emb_dim, filter_hidden, filter_init)
         else:
             self.filter = ExplicitLongFilter(d, seq_length, params_dtype=config.params_dtype)
 
@@ -55,24 +59,28 @@ class BaseConv(Mixer):
         """u [b, d_local, L] -> the causal filter applied per channel."""
         if self.kernel_size > 0:
             return self.filter(u)
-        y = fft_causal_conv(u, self.filter(u.shape[-1]))
-        return y + u if self.fft_skip else y
+        return fft_causal_conv(u, self.filter(u.shape[-1]), skip=1.0 if self.fft_skip else None)
 
     def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
-        u = hidden_states  # [s, b, h], replicated over TP ranks
-        gate, _ = self.proj(u)  # [s, b, h/tp]
-        local_u = copy_to_tp(u)[..., self.local]
-        conv = self.conv(local_u.permute(1, 2, 0)).permute(2, 0, 1)
+        u = copy_to_tp(hidden_states)  # [s, b, h], replicated over TP ranks
+        # channels-first [b, h/tp, s]: the filter runs along contiguous rows, the product stays in that layout
+        gate = column_linear_channels_first(u, self.proj, entered=True)
+        conv = self.conv(local_channels(u, self.local).permute(1, 2, 0).contiguous())
         if self.use_act:
             conv, gate = conv * conv.sigmoid(), gate * gate.sigmoid()
-        return gather_from_tp(conv * gate) + u, None
+        return gather_from_tp((conv * gate).permute(2, 0, 1)) + hidden_states, None
+
+
+LONG_ONLY = ("long_filter", "filter_emb_dim", "filter_hidden", "fft_skip", "filter_init")
+"""Keys that only a long-filter layer uses: a short layer's module kwargs leave them out."""
 
 
 def _per_layer(args, occurrence):
     ks = args["kernel_sizes"]
     ks = ks if isinstance(ks, (list, tuple)) else [ks]
-    out = {k: v for k, v in args.items() if k != "kernel_sizes"}
-    out["kernel_size"] = int(ks[occurrence % len(ks)])
+    kernel_size = int(ks[occurrence % len(ks)])
+    out = {k: v for k, v in args.items() if k != "kernel_sizes" and (kernel_size < 0 or k not in LONG_ONLY)}
+    out["kernel_size"] = kernel_size
     return out
 
 
@@ -98,6 +106,8 @@ def _validate(shape, args):
     for key in ("fft_skip", "use_act"):
         if not isinstance(args[key], bool):
             errors.append(f"baseconv.{key}: {args[key]!r}; use true or false")
+    if args["filter_init"] not in FILTER_INITS:
+        errors.append(f"baseconv.filter_init: {args['filter_init']!r}; use {' or '.join(map(repr, FILTER_INITS))}")
     return errors
 
 
@@ -123,8 +133,9 @@ register(
             "long_filter": "implicit",
             "filter_emb_dim": 3,
             "filter_hidden": 16,
-            "fft_skip": False,
+            "fft_skip": True,
             "use_act": False,
+            "filter_init": "normal",
         },
         tp_split="channels",
         flops=_flops,

@@ -1,8 +1,9 @@
 """The shared causal FFT convolution.
 
 y[..., t] = sum_{j<=t} k[..., j] * u[..., t-j], computed as irfft(rfft(u, n) * rfft(k, n))[:L] with
-n >= 2L (no circular wrap-around). FFTs always run in fp32 (torch.fft refuses bf16 on CPU, and bf16
-FFTs lose too much precision on GPU); inputs and outputs keep their dtype. The filter's FFT is taken
+n >= 2L (no circular wrap-around). FFTs run in fp32 for fp32 and half-precision inputs (torch.fft
+refuses bf16 on CPU, and bf16 FFTs lose too much precision on GPU) and in fp64 when an operand is fp64;
+inputs and outputs keep their dtype. The filter's FFT is taken
 once per call and broadcast over the batch.
 
 FlashFFTConv (optional, CUDA) is used when importable for fp16/bf16 inputs [b, d, L] on CUDA whose
@@ -39,11 +40,20 @@ def fast_fft_size(n: int) -> int:
         m += 2
 
 
-def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Causal convolution of u [..., d, L] with per-channel filters k [d, Lk] (Lk <= L)."""
+def fft_causal_conv(u: torch.Tensor, k: torch.Tensor, skip=None) -> torch.Tensor:
+    """Causal convolution of u [..., d, L] with per-channel filters k [d, Lk] (Lk <= L), plus `skip` * u.
+
+    `skip` (a per-channel [d] tensor or a number) is folded into the filter's first tap,
+    k'_0 = k_0 + skip, which is the same sum: one convolution instead of a convolution, a product
+    and an add (and their gradients).
+    """
     L = u.shape[-1]
     if k.shape[-1] > L:
         raise ValueError(f"filter length {k.shape[-1]} exceeds the sequence length {L}")
+    if skip is not None:  # in >= fp32 (the FFT's precision), so a small k_0 is not rounded away next to skip
+        k = k.to(torch.promote_types(k.dtype, torch.float32))
+        skip = skip.to(k.dtype)[:, None] if torch.is_tensor(skip) else torch.full_like(k[:, :1], float(skip))
+        k = torch.cat([k[:, :1] + skip, k[:, 1:]], dim=-1)
     if FlashFFTConv is not None and u.is_cuda and u.dim() == 3:
         size = flash_fft_size(L, u.shape[1], u.dtype)
         if size is not None:
@@ -67,6 +77,11 @@ def flash_fft_size(L: int, channels: int, dtype: torch.dtype) -> int | None:
     return size
 
 
+def fft_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The real dtype an FFT over these tensors runs in: fp32, or fp64 when one of them is fp64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 class _FFTConv(torch.autograd.Function):
     """Forward: 2 rfft + 1 irfft; backward: 1 rfft + 2 irfft, with the padding done inside the FFTs.
 
@@ -79,17 +94,18 @@ class _FFTConv(torch.autograd.Function):
     def forward(ctx, u, k):
         L, Lk = u.shape[-1], k.shape[-1]
         n = fast_fft_size(L + Lk)
-        u_f = torch.fft.rfft(u.float(), n=n)
-        k_f = torch.fft.rfft(k.float(), n=n)
+        real = fft_dtype(u, k)
+        u_f = torch.fft.rfft(u.to(real), n=n)
+        k_f = torch.fft.rfft(k.to(real), n=n)
         ctx.save_for_backward(u_f, k_f)
-        ctx.shapes = (L, Lk, n, u.dtype, k.dtype, u.dim() - k.dim())
+        ctx.shapes = (L, Lk, n, u.dtype, k.dtype, u.dim() - k.dim(), real)
         return torch.fft.irfft(u_f * k_f, n=n)[..., :L].to(u.dtype).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
         u_f, k_f = ctx.saved_tensors
-        L, Lk, n, u_dtype, k_dtype, batch_dims = ctx.shapes
-        g_f = torch.fft.rfft(grad.float(), n=n)
+        L, Lk, n, u_dtype, k_dtype, batch_dims, real = ctx.shapes
+        g_f = torch.fft.rfft(grad.to(real), n=n)
         grad_u = grad_k = None
         if ctx.needs_input_grad[0]:  # correlation with k: sum_t g[t] k[t - s]
             grad_u = torch.fft.irfft(g_f * k_f.conj(), n=n)[..., :L].to(u_dtype)

@@ -104,10 +104,39 @@ class ExplicitLongFilter(nn.Module):
         return self.weight[:, :L]
 
 
-class ImplicitLongFilter(nn.Module):
-    """Zoology BaseConv's implicit filter: z -> Linear(emb, hidden) -> ReLU -> Linear(hidden, d), as [d, L]."""
+FILTER_INITS = ("normal", "kaiming_uniform")
+"""How the Linear layers of an implicit filter's MLP start:
 
-    def __init__(self, channels: int, seq_length: int, config, emb_dim: int = 3, hidden: int = 16):
+- `normal`: weights N(0, init_method_std), biases 0 -- what zoology's and safari's language models do
+  (their `_init_weights` re-initialises every nn.Linear of the model, the filter MLPs included), so
+  the filter starts small (std ~1.5e-3 for BaseConv's, ~2e-5 for Hyena's at d 64);
+- `kaiming_uniform`: nn.Linear's own default (weights U(+-1/sqrt(fan_in)), biases likewise), the
+  init the filter modules would have on their own; filters start 2-3 orders of magnitude larger.
+"""
+
+
+def filter_linear_init(d_out: int, d_in: int, init: str, std: float, bias: bool = True):
+    """Full-size (weight [d_out, d_in], bias [d_out] or None) for one Linear of a filter MLP (see FILTER_INITS)."""
+    w = torch.empty(d_out, d_in)
+    if init == "normal":
+        w.normal_(0.0, std)
+        b = torch.zeros(d_out) if bias else None
+    elif init == "kaiming_uniform":
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        b = torch.empty(d_out).uniform_(-1 / math.sqrt(d_in), 1 / math.sqrt(d_in)) if bias else None
+    else:
+        raise ValueError(f"filter init {init!r}; use one of {', '.join(FILTER_INITS)}")
+    return w, b
+
+
+class ImplicitLongFilter(nn.Module):
+    """Zoology BaseConv's implicit filter: z -> Linear(emb, hidden) -> ReLU -> Linear(hidden, d), as [d, L].
+
+    The positional features z are frozen (as in the reference). `init` is one of FILTER_INITS.
+    """
+
+    def __init__(self, channels: int, seq_length: int, config, emb_dim: int = 3, hidden: int = 16,
+                 init: str = "normal"):
         super().__init__()
         self.register_buffer("z", positional_features(seq_length, emb_dim)[:, None, :], persistent=False)
         self.inner = nn.Linear(emb_dim, hidden)
@@ -115,10 +144,12 @@ class ImplicitLongFilter(nn.Module):
             hidden, channels, config=config, init_method=nn.init.xavier_uniform_, bias=True,
             gather_output=False,
         )
-        with torch.no_grad():  # nn.Linear's default init for the output layer, drawn at full size
-            full_w = torch.empty(channels, hidden)
-            nn.init.kaiming_uniform_(full_w, a=math.sqrt(5))
-            full_b = torch.empty(channels).uniform_(-1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+        std = config.init_method_std
+        with torch.no_grad():  # drawn at full size, so the filter does not depend on the TP size
+            w, b = filter_linear_init(hidden, emb_dim, init, std)
+            self.inner.weight.copy_(w)
+            self.inner.bias.copy_(b)
+            full_w, full_b = filter_linear_init(channels, hidden, init, std)
             local = tp_slice(channels)
             self.outer.weight.copy_(full_then_local(full_w, 0, local))
             self.outer.bias.copy_(full_then_local(full_b, 0, local))

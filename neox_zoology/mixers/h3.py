@@ -9,20 +9,34 @@ For channel c = h * P + i (head h, index i < P = head_dim), positions t:
     o_{h,j}(t)    = sum_i q_{h,i}(t) s_{h,i,j}(t)
     y = W_o o + b_o
 
-Shift SSM (state size N = d_state): A is the N x N shift matrix and B = e_0, so the state holds the last
-N inputs and its convolution kernel is an arbitrary N-tap FIR filter per channel, S_{c,j} = C_{c,j}
-(j < N; 0 after), initialised N(0, 1), as in the H3 paper. Taps past the input length are unused.
+Shift SSM (state size N = d_state): A is the N x N shift matrix, so the state holds the last N inputs
+and the convolution kernel is an N-tap FIR filter per channel,
 
-Diagonal SSM: S4D-Lin with zero-order-hold discretisation, N/2 complex modes per head taken with their
-conjugates (so N real state dimensions; N must be even):
+    S_{c,j} = sum_{n <= N-1-j} B_{c,n} C_{c,n+j}      (j < N; 0 after; taps past the input length unused)
+
+with B initialised to e_0 (so S = C at init) and C kaiming-uniform, U(+-1/sqrt(N)), as the reference
+(zoology's `SSKernelShift`, which trains B too). `train_B: false` fixes B = e_0 (S = C, the H3 paper's
+shift SSM, N fewer parameters per channel).
+
+Diagonal SSM: S4D-Lin, N/2 complex modes per head taken with their conjugates (N real state
+dimensions; N must be even):
 
     A_{h,n} = -exp(log_A_real_{h,n}) + i A_imag_{h,n},   init -0.5 + i pi n
     dt_h = exp(log_dt_h),                                init log-uniform in [1e-3, 1e-1]
-    K_h(l) = 2 Re sum_{n < N/2} C_{h,n} (e^{dt_h A_{h,n}} - 1) / A_{h,n} e^{l dt_h A_{h,n}}
+    K_h(l) = 2 Re sum_{n < N/2} C'_{h,n} z_{h,n}^l
 
-(B is folded into C; C ~ complex N(0, 1).) K is computed in closed form at the input length, in
-fp32, once per forward, as one small real matmul per head (see `DiagonalSSMKernel.forward`). Both
-convolutions run through `fft_causal_conv`. D and Dk ~ N(0, 1).
+discretised as the reference does by default (zoology's `SSKernelDiag`, `disc="bilinear"`):
+
+    bilinear (default):  z = (1 + dt A / 2) / (1 - dt A / 2),   C' = B C dt / (1 - dt A / 2)
+    zoh:                 z = exp(dt A),                         C' = B C (exp(dt A) - 1) / A
+
+with B, C complex [H, N/2]: B trainable, initialised to 1 (`train_B: false` drops it: C' uses C
+alone, which at init is the same kernel), C ~ complex N(0, 1). K is computed in closed form at the
+input length, in fp32 (fp64 for fp64 parameters), once per forward, as one small real matmul per
+head (see `DiagonalSSMKernel.forward`). Both convolutions run through `fft_causal_conv`.
+D and Dk ~ N(0, 1). The projections start like the reference model's Linear layers: N(0,
+init_method_std) with zero biases, W_o included (zoology's scaled init of residual outputs matches
+`out_proj` / `output_linear.0` names, not H3's `output_linear`).
 
 Deliberate choice against the reference: the references lay the head outputs out as (j, h); we keep
 (h, j) so that a head's outputs stay contiguous under tensor parallelism (W_o is initialised i.i.d.,
@@ -39,47 +53,73 @@ import torch
 from torch import nn
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer, exclude_from_weight_decay, full_then_local
+from neox_zoology.mixers.base import (Mixer, column_linear_channels_first, exclude_from_weight_decay, full_then_local,
+                                      row_linear_channels_first)
 from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_size, tp_slice
 from neox_zoology.registry import MixerSpec, register
 
 DT_MIN, DT_MAX = 1e-3, 1e-1
+DISCRETIZATIONS = ("bilinear", "zoh")
 
 
 def _tp_param(full: torch.Tensor, local: slice, dtype) -> nn.Parameter:
     return mark_tp_param(nn.Parameter(full_then_local(full, 0, local).to(dtype)))
 
 
+def shift_kernel(C: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
+    """Shift-SSM taps S [d, N], S_{c,j} = sum_{n <= N-1-j} B_{c,n} C_{c,n+j} (S = C without B)."""
+    if B is None:
+        return C
+    N = C.shape[-1]
+    windows = torch.nn.functional.pad(C, (0, N - 1)).unfold(-1, N, 1)  # [d, N(j), N(n)] = C_{c, j+n}
+    return torch.einsum("cjn,cn->cj", windows, B)
+
+
 class DiagonalSSMKernel(nn.Module):
     """S4D-Lin kernel K [H_local, L] (see the module docstring)."""
 
-    def __init__(self, heads: int, d_state: int, params_dtype=torch.float32):
+    def __init__(self, heads: int, d_state: int, params_dtype=torch.float32, discretization: str = "bilinear",
+                 train_B: bool = True):
         super().__init__()
         local, n = tp_slice(heads), d_state // 2
+        self.discretization = discretization
         log_dt = torch.rand(heads) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
         C = torch.randn(heads, n, 2) * math.sqrt(0.5)  # real view of a unit-variance complex normal
         self.log_dt = _tp_param(log_dt, local, params_dtype)
         self.C = _tp_param(C, local, params_dtype)
         self.log_A_real = _tp_param(torch.full((heads, n), math.log(0.5)), local, params_dtype)
         self.A_imag = _tp_param(math.pi * torch.arange(n, dtype=torch.float32).expand(heads, n), local, params_dtype)
+        if train_B:  # real view of B = 1 + 0i
+            self.B = _tp_param(torch.stack([torch.ones(heads, n), torch.zeros(heads, n)], -1), local, params_dtype)
+        else:
+            self.B = None
         exclude_from_weight_decay(self)
 
     def forward(self, L: int) -> torch.Tensor:
-        """K [H_local, L] in fp32 (complex arithmetic has no bf16).
+        """K [H_local, L] in fp32 (fp64 for fp64 parameters; complex arithmetic has no bf16).
 
         z^l is split as z^{mJ} z^j (l = mJ + j, J ~ sqrt(L)), so the Vandermonde sum becomes one real
         batched matmul [M, N] @ [N, J] per head: O(H N sqrt(L)) memory instead of O(H N L).
         """
-        dt = self.log_dt.float().exp()[:, None]
-        A = torch.complex(-self.log_A_real.float().exp(), self.A_imag.float())
+        real = torch.float64 if self.log_dt.dtype == torch.float64 else torch.float32
+        dt = self.log_dt.to(real).exp()[:, None]
+        A = torch.complex(-self.log_A_real.to(real).exp(), self.A_imag.to(real))
         dtA = dt * A  # [H, N/2]
-        C = torch.view_as_complex(self.C.float().contiguous()) * (torch.exp(dtA) - 1) / A
+        C = torch.view_as_complex(self.C.to(real).contiguous())
+        if self.B is not None:
+            C = C * torch.view_as_complex(self.B.to(real).contiguous())
+        if self.discretization == "zoh":
+            C = C * (torch.exp(dtA) - 1) / A
+            log_z = dtA
+        else:  # bilinear
+            C = C * dt / (1 - dtA / 2)
+            log_z = torch.log((1 + dtA / 2) / (1 - dtA / 2))
         J = math.isqrt(max(L - 1, 0)) + 1
         M = -(-L // J)
-        steps = torch.arange(max(M, J), device=dtA.device, dtype=torch.float32)
-        X = C[:, None, :] * torch.exp(dtA[:, None, :] * (steps[:M, None] * J))  # [H, M, N/2]: C z^{mJ}
-        W = torch.exp(dtA[:, :, None] * steps[:J])  # [H, N/2, J]: z^j
+        steps = torch.arange(max(M, J), device=dtA.device, dtype=real)
+        X = C[:, None, :] * torch.exp(log_z[:, None, :] * (steps[:M, None] * J))  # [H, M, N/2]: C z^{mJ}
+        W = torch.exp(log_z[:, :, None] * steps[:J])  # [H, N/2, J]: z^j
         # 2 Re(X @ W) = 2 [Re X, -Im X] @ [Re W; Im W]
         K = 2 * (torch.cat([X.real, -X.imag], -1) @ torch.cat([W.real, W.imag], 1))  # [H, M, J]
         return K.reshape(K.shape[0], M * J)[:, :L]
@@ -87,7 +127,7 @@ class DiagonalSSMKernel(nn.Module):
 
 class H3(Mixer):
     def __init__(self, config, layer_number: int = 1, *, seq_length: int, d_state: int = 64, head_dim: int = 1,
-                 **stack_kwargs):
+                 discretization: str = "bilinear", train_B: bool = True, **stack_kwargs):
         super().__init__(config, layer_number, **stack_kwargs)
         d, dtype = config.hidden_size, config.params_dtype
         heads = d // head_dim
@@ -95,29 +135,40 @@ class H3(Mixer):
         self.local_heads = heads // tp_size()
         self.qkv = ColumnLinear(d, 3 * d, config=config, init_method=config.init_method, bias=True,
                                 gather_output=False)
-        self.shift_C = exclude_from_weight_decay(_tp_param(torch.randn(d, d_state), tp_slice(d), dtype))  # shift SSM taps
+        # shift SSM taps C: kaiming-uniform with fan_in N (nn.Conv1d-like), B = e_0
+        bound = 1 / math.sqrt(d_state)
+        self.shift_C = exclude_from_weight_decay(
+            _tp_param(torch.empty(d, d_state).uniform_(-bound, bound), tp_slice(d), dtype))
+        if train_B:
+            e0 = torch.zeros(d, d_state)
+            e0[:, 0] = 1
+            self.shift_B = exclude_from_weight_decay(_tp_param(e0, tp_slice(d), dtype))
+        else:
+            self.shift_B = None
         self.D_k = _tp_param(torch.randn(d), tp_slice(d), dtype)
-        self.ssm = DiagonalSSMKernel(heads, d_state, dtype)
+        self.ssm = DiagonalSSMKernel(heads, d_state, dtype, discretization, train_B)
         self.D = _tp_param(torch.randn(heads), tp_slice(heads), dtype)
-        self.out_proj = RowLinear(d, d, config=config, init_method=config.output_layer_init_method, bias=True,
+        self.out_proj = RowLinear(d, d, config=config, init_method=config.init_method, bias=True,
                                   input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
         s, b, _ = hidden_states.shape
         H, P = self.local_heads, self.head_dim
-        qkv, _ = self.qkv(hidden_states)  # [s, b, H * 3 * P]
-        q, k, v = qkv.view(s, b, H, 3, P).permute(3, 1, 2, 4, 0).unbind(0)  # each [b, H, P, s]
+        qkv = column_linear_channels_first(hidden_states, self.qkv)  # [b, H * 3 * P, s]
+        q, k, v = qkv.view(b, H, 3, P, s).unbind(2)  # each [b, H, P, s]
         k = k.reshape(b, H * P, s)
-        k = fft_causal_conv(k, self.shift_C[:, :s]) + self.D_k[:, None] * k
+        taps = shift_kernel(self.shift_C, self.shift_B)[:, :s]
+        k = fft_causal_conv(k, taps, skip=self.D_k)  # shift SSM + D_k k
         kv = k.view(b, H, P, 1, s) * v.view(b, H, 1, P, s)  # [b, H, P_i, P_j, s]
         kv = kv.reshape(b, H * P * P, s)
         # every (i, j) pair of a head shares the head's kernel and skip
-        K = self.ssm(s).repeat_interleave(P * P, dim=0)  # kept in fp32: the FFT runs in fp32 anyway
-        Dh = self.D.repeat_interleave(P * P)
-        ssm_out = (fft_causal_conv(kv, K) + Dh[:, None] * kv).view(b, H, P, P, s)
-        o = (q.unsqueeze(3) * ssm_out).sum(2)  # sum over i: [b, H, P_j, s]
-        y, _ = self.out_proj(o.reshape(b, H * P, s).permute(2, 0, 1))
-        return y, None
+        K = self.ssm(s)
+        Dh = self.D
+        if P > 1:
+            K, Dh = K.repeat_interleave(P * P, dim=0), Dh.repeat_interleave(P * P)
+        ssm_out = fft_causal_conv(kv, K, skip=Dh).view(b, H, P, P, s)  # diagonal SSM + D kv
+        o = (q.unsqueeze(3) * ssm_out).sum(2) if P > 1 else q * ssm_out[:, :, 0]  # sum over i: [b, H, P_j, s]
+        return row_linear_channels_first(o.reshape(b, H * P, s), self.out_proj), None
 
 
 def _is_int(x) -> bool:
@@ -135,6 +186,10 @@ def _validate(shape, args):
     elif (d // p) % shape.tp:
         errors.append(f"h3: {d // p} heads (hidden_size {d} / head_dim {p}) do not split over model_parallel_size "
                       f"{shape.tp}; change head_dim or the TP size")
+    if args["discretization"] not in DISCRETIZATIONS:
+        errors.append(f"h3.discretization: {args['discretization']!r}; use 'bilinear' (the reference's) or 'zoh'")
+    if not isinstance(args["train_B"], bool):
+        errors.append(f"h3.train_B: {args['train_B']!r}; use true or false")
     return errors
 
 
@@ -161,7 +216,7 @@ register(
     MixerSpec(
         name="h3",
         module=H3,
-        defaults={"d_state": 64, "head_dim": 1},
+        defaults={"d_state": 64, "head_dim": 1, "discretization": "bilinear", "train_B": True},
         # whole heads of head_dim channels; not num_attention_heads, which "heads" would make config check
         tp_split="channels",
         flops=_flops,

@@ -8,26 +8,33 @@
 
 Implicit filter, one value per (position t, channel c):
 
-    z_t = [t, Re e^{-i f w_t}, Im e^{-i f w_t}]      positional features, emb_dim (odd) wide, frozen
+    z_t = [t, Re e^{-i f w_t}, Im e^{-i f w_t}]      positional features, emb_dim (odd) wide
     g   = Sin(Linear(emb_dim, order)(z)); g = Sin(Linear(order, order)(g)) twice
     h   = Linear(order, d, no bias)(g) * exp(-t |delta_c|)      (exponential modulation)
 
 with Sin(x) = sin(freq * x), freq a trainable [order] vector initialised to `w`, and
 delta = linspace(ln(1e-2)/1.5, ln(1e-2)/0.3, d) (slow .. fast decay to 1e-2). D ~ N(0, 1) per
-channel. `modulate: false` drops the exponential window.
+channel. `modulate: false` drops the exponential window. One Sin module (one frequency vector) is
+shared by the three activations, as in the references (they append the same module object three times).
 
-Deliberate choices against the references:
-- One Sin module (one frequency vector) is shared by the three activations, as in the references
-  (they append the same module object three times).
-- The positional features are frozen (the references train them with lr 1e-5) and the filter uses
-  the model's optimizer settings (the references give the filter MLP its own lr / weight decay).
+Initialisation and training as zoology's model: the filter MLP's Linear layers N(0, init_method_std)
+with zero biases (`filter_init: normal`; `kaiming_uniform` keeps nn.Linear's default, see
+filters.FILTER_INITS), and the positional features z are a trained parameter (`train_pos_emb: true`;
+zoology's optimizer trains every parameter, ignoring the lr the module asks for; `false` freezes
+them, as a buffer). The filter, z included, gets no weight decay (kernel parameters, see
+`exclude_from_weight_decay`); zoology's MQAR trainer decays every parameter.
+
+The filter uses the model's learning rate: the references' filter modules ask for lr 1e-3 through an
+`_optim` attribute, which zoology's trainer ignores and safari's Pile config sets to the model's lr.
+
+Deliberate choice against the references:
 - in_proj's 3d outputs are laid out channel-major, stream-minor ([c, (x1, x2, v)]) rather than
   [x1 | x2 | v], so that a contiguous tensor-parallel shard holds matching channels of all three
   streams. Initialisation is i.i.d., so this is only a relabelling of rows.
 
 Tensor parallelism: channels split. in_proj is column-parallel (interleaved layout above), the short
 conv, D, the modulation deltas and the filter's last Linear hold this rank's channels, out_proj is
-row-parallel. The filter's inner MLP is replicated; its input to the last Linear enters the TP
+row-parallel. The filter's inner MLP (and z) is replicated; its input to the last Linear enters the TP
 region through `copy_to_tp`, so its gradients are summed over all channels.
 """
 from __future__ import annotations
@@ -39,9 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer, exclude_from_weight_decay, full_then_local
+from neox_zoology.mixers.base import (Mixer, column_linear_channels_first, exclude_from_weight_decay, full_then_local,
+                                      row_linear_channels_first)
 from neox_zoology.mixers.fftconv import fft_causal_conv
-from neox_zoology.mixers.filters import ShortFilter, positional_features
+from neox_zoology.mixers.filters import FILTER_INITS, ShortFilter, filter_linear_init, positional_features
 from neox_zoology.parallel import ColumnLinear, RowLinear, copy_to_tp, mark_tp_param, tp_size, tp_slice
 from neox_zoology.registry import MixerSpec, register
 
@@ -57,26 +65,28 @@ class Sin(nn.Module):
         return torch.sin(self.freq * x)
 
 
-def _default_linear(d_in: int, d_out: int, bias: bool = True):
-    """nn.Linear's default init (kaiming_uniform(a=sqrt(5)), bias U(+-1/sqrt(d_in))), drawn at full size."""
-    w = torch.empty(d_out, d_in)
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-    b = torch.empty(d_out).uniform_(-1 / math.sqrt(d_in), 1 / math.sqrt(d_in)) if bias else None
-    return w, b
-
-
 class HyenaFilter(nn.Module):
     """The implicit long filter h [d_local, L] (this rank's channels)."""
 
     def __init__(self, channels: int, seq_length: int, order: int, emb_dim: int, w: float, modulate: bool,
-                 params_dtype=torch.float32):
+                 params_dtype=torch.float32, init: str = "normal", init_std: float = 0.02,
+                 train_pos_emb: bool = True):
         super().__init__()
         local = tp_slice(channels)
-        self.register_buffer("z", positional_features(seq_length, emb_dim), persistent=False)  # [L, emb]
+        z = positional_features(seq_length, emb_dim)  # [L, emb], replicated over TP ranks
+        if train_pos_emb:
+            self.z = nn.Parameter(z)
+        else:
+            self.register_buffer("z", z, persistent=False)
         self.register_buffer("t", torch.linspace(0, 1, seq_length)[:, None], persistent=False)  # [L, 1]
         self.sin = Sin(order, w)
         self.inner = nn.ModuleList([nn.Linear(emb_dim, order), nn.Linear(order, order), nn.Linear(order, order)])
-        full_w, _ = _default_linear(order, channels, bias=False)
+        with torch.no_grad():
+            for linear in self.inner:
+                weight, bias = filter_linear_init(linear.out_features, linear.in_features, init, init_std)
+                linear.weight.copy_(weight)
+                linear.bias.copy_(bias)
+        full_w, _ = filter_linear_init(channels, order, init, init_std, bias=False)
         self.out_weight = mark_tp_param(nn.Parameter(full_then_local(full_w, 0, local).to(params_dtype)))
         fast, slow, target = 0.3, 1.5, 1e-2
         deltas = torch.linspace(math.log(target) / slow, math.log(target) / fast, channels)
@@ -107,6 +117,8 @@ class Hyena(Mixer):
         emb_dim: int = 3,
         w: float = 1.0,
         modulate: bool = True,
+        filter_init: str = "normal",
+        train_pos_emb: bool = True,
         **stack_kwargs,
     ):
         super().__init__(config, layer_number, **stack_kwargs)
@@ -115,20 +127,21 @@ class Hyena(Mixer):
         self.in_proj = ColumnLinear(d, 3 * d, config=config, init_method=config.init_method, bias=True,
                                     gather_output=False)
         self.short_filter = ShortFilter(3 * d, short_filter_order, config.params_dtype)
-        self.filter = HyenaFilter(d, seq_length, filter_order, emb_dim, w, modulate, config.params_dtype)
+        self.filter = HyenaFilter(d, seq_length, filter_order, emb_dim, w, modulate, config.params_dtype,
+                                  filter_init, config.init_method_std, train_pos_emb)
         self.D = mark_tp_param(nn.Parameter(full_then_local(torch.randn(d), 0, tp_slice(d)).to(config.params_dtype)))
         self.out_proj = RowLinear(d, d, config=config, init_method=config.output_layer_init_method, bias=True,
                                   input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
         s, b, _ = hidden_states.shape
-        u, _ = self.in_proj(hidden_states)  # [s, b, 3 d_local], channel-major
-        u = self.short_filter(u.permute(1, 2, 0))  # [b, 3 d_local, s]
+        # channels-first from the projection on: the short conv, gating and FFT run on contiguous rows
+        u = column_linear_channels_first(hidden_states, self.in_proj)  # [b, 3 d_local, s], channel-major
+        u = self.short_filter(u)
         x1, x2, v = u.view(b, self.local_channels, 3, s).unbind(2)
         v = v * x1
-        v = fft_causal_conv(v, self.filter(s)) + self.D[:, None] * v
-        y, _ = self.out_proj((v * x2).permute(2, 0, 1))
-        return y, None
+        v = fft_causal_conv(v, self.filter(s), skip=self.D)  # h * v + D v
+        return row_linear_channels_first(v * x2, self.out_proj), None
 
 
 def _is_int(x) -> bool:
@@ -149,8 +162,11 @@ def _validate(shape, args):
         errors.append(f"hyena.emb_dim: {e!r}; use an odd int >= 3 (t plus cos/sin pairs), e.g. 3 or 33")
     if isinstance(args["w"], bool) or not isinstance(args["w"], (int, float)):
         errors.append(f"hyena.w: {args['w']!r}; use a number (the Sin frequency at init), e.g. 1 or 14")
-    if not isinstance(args["modulate"], bool):
-        errors.append(f"hyena.modulate: {args['modulate']!r}; use true or false")
+    for key in ("modulate", "train_pos_emb"):
+        if not isinstance(args[key], bool):
+            errors.append(f"hyena.{key}: {args[key]!r}; use true or false")
+    if args["filter_init"] not in FILTER_INITS:
+        errors.append(f"hyena.filter_init: {args['filter_init']!r}; use {' or '.join(map(repr, FILTER_INITS))}")
     return errors
 
 
@@ -167,7 +183,8 @@ register(
     MixerSpec(
         name="hyena",
         module=Hyena,
-        defaults={"filter_order": 64, "short_filter_order": 3, "emb_dim": 3, "w": 1.0, "modulate": True},
+        defaults={"filter_order": 64, "short_filter_order": 3, "emb_dim": 3, "w": 1.0, "modulate": True,
+                  "filter_init": "normal", "train_pos_emb": True},
         tp_split="channels",
         flops=_flops,
         validate=_validate,

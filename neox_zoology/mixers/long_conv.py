@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer, full_then_local
+from neox_zoology.mixers.base import Mixer, full_then_local, local_channels, row_linear_channels_first
 from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.mixers.filters import ExplicitLongFilter
 from neox_zoology.parallel import RowLinear, copy_to_tp, mark_tp_param, tp_slice
@@ -53,9 +53,9 @@ class LongConv(Mixer):
 
     def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
         s = hidden_states.shape[0]
-        u = copy_to_tp(hidden_states)[..., self.local].permute(1, 2, 0)  # [b, d_local, s]
-        z = F.gelu(fft_causal_conv(u, self.kernel(s)) + self.D[:, None] * u)
-        y, _ = self.out_proj(z.permute(2, 0, 1))
+        u = local_channels(copy_to_tp(hidden_states), self.local).permute(1, 2, 0).contiguous()  # [b, d_local, s]
+        z = F.gelu(fft_causal_conv(u, self.kernel(s), skip=self.D))  # k * u + D u
+        y = row_linear_channels_first(z, self.out_proj)  # [s, b, 2d]
         return (F.glu(y, dim=-1) if self.glu else y), None
 
 

@@ -25,13 +25,20 @@ chunk (the chunk's own positions plus the state entering it) whose exponents are
 -(t-1-i) w + k_i and shifted by their row maximum before `exp`; the state entering each chunk is the
 same decayed sum over chunk summaries (decay T w per chunk), computed by the same function
 recursively. Every sum is carried as (a, p) with value a e^p, so nothing overflows for any k or w,
-and no exponent is formed as a difference of large numbers. fp32 throughout. Channels are processed
+and no exponent is formed as a difference of large numbers. fp32 throughout (fp64 for fp64 inputs). Channels are processed
 in blocks, each checkpointed: the [., T, T+1] temporaries exist for one block at a time and are
 recomputed in backward instead of stored (T = 4 and ~1M-element blocks measured fastest on CPU: 1.6x
 faster than T = 8 unblocked).
 
-Deliberate choices against the references: projections use the stack's init methods (RWKV-4 zeroes
-W_k, W_r, W_o of the time mix and W_v, W_r of the channel mix) and have no bias, as in RWKV-4.
+Projections have no bias, as in RWKV-4. The time mix's W_k, W_v, W_r, W_o start as in zoology's
+model, with nn.Linear's default init, U(+-1/sqrt(d)) (`projection_init: kaiming_uniform`): its mixer
+is a TorchScript module, whose Linear layers its `_init_weights` does not see (RWKV-4's own init,
+which zeroes some of them, is never called there). `projection_init: init_method` uses the stack's
+init methods instead (init_method; output_layer_init_method for W_o).
+
+Deliberate choices against the references: the layer ratios r0, r1 use the model's real depth;
+zoology passes only the layer index and computes them as if num_layers = 12 (from layer 14 on, its
+r1 < 0 makes mu of channel 0 infinite). The channel mix uses the stack's init methods.
 
 Tensor parallelism: channels split. Time mix: W_k, W_v, W_r column-parallel, time_decay / time_first
 hold this rank's channels, W_o row-parallel; the token-shift mixes act on the replicated input.
@@ -109,15 +116,16 @@ on its own, so the [.., T, T+1] temporaries (recomputed in backward) exist for o
 
 def wkv(time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         chunk: int = 4) -> torch.Tensor:
-    """RWKV-4 WKV for k, v [B, C, L] and per-channel time_decay, time_first [C]; fp32 inside."""
+    """RWKV-4 WKV for k, v [B, C, L] and per-channel time_decay, time_first [C]; fp32 inside (fp64 for fp64 k)."""
     B, C, L = k.shape
+    real = torch.float64 if k.dtype == torch.float64 else torch.float32
     step = max(1, min(C, BLOCK_ELEMENTS // max(B * L, 1)))
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (time_decay, time_first, k, v))
     outs = []
     for c0 in range(0, C, step):
         blk = slice(c0, c0 + step)
-        args = (time_decay[blk].float(), time_first[blk].float(), k[:, blk].float().contiguous(),
-                v[:, blk].float().contiguous(), chunk)
+        args = (time_decay[blk].to(real), time_first[blk].to(real), k[:, blk].to(real).contiguous(),
+                v[:, blk].to(real).contiguous(), chunk)
         outs.append(checkpoint(_wkv, *args, use_reentrant=False) if grad else _wkv(*args))
     return torch.cat(outs, dim=1).to(v.dtype) if len(outs) > 1 else outs[0].to(v.dtype)
 
@@ -133,12 +141,21 @@ def _layer_ratios(config, layer_number: int) -> tuple[float, float]:
     return (i / (n - 1) if n > 1 else 0.0), 1.0 - i / n
 
 
+def _torch_linear_default(weight: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's default weight init, U(+-1/sqrt(fan_in)), on the full-size [out, in] weight."""
+    return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+PROJECTION_INITS = ("kaiming_uniform", "init_method")
+
+
 def _position_ramp(d: int) -> torch.Tensor:
     return torch.arange(d, dtype=torch.float32) / d
 
 
 class RWKVTimeMix(Mixer):
-    def __init__(self, config, layer_number: int = 1, *, seq_length: int, wkv_chunk: int = 4, **stack_kwargs):
+    def __init__(self, config, layer_number: int = 1, *, seq_length: int, wkv_chunk: int = 4,
+                 projection_init: str = "kaiming_uniform", **stack_kwargs):
         super().__init__(config, layer_number, **stack_kwargs)
         d, dtype = config.hidden_size, config.params_dtype
         r0, r1 = _layer_ratios(config, layer_number)
@@ -153,11 +170,15 @@ class RWKVTimeMix(Mixer):
         local = tp_slice(d)
         self.time_decay = mark_tp_param(nn.Parameter(full_then_local(decay, 0, local).to(dtype)))
         self.time_first = mark_tp_param(nn.Parameter(full_then_local(first, 0, local).to(dtype)))
-        col = dict(config=config, init_method=config.init_method, bias=False, gather_output=False)
+        if projection_init == "kaiming_uniform":
+            inner = outer = _torch_linear_default
+        else:
+            inner, outer = config.init_method, config.output_layer_init_method
+        col = dict(config=config, init_method=inner, bias=False, gather_output=False)
         self.key = ColumnLinear(d, d, **col)
         self.value = ColumnLinear(d, d, **col)
         self.receptance = ColumnLinear(d, d, **col)
-        self.output = RowLinear(d, d, config=config, init_method=config.output_layer_init_method, bias=False,
+        self.output = RowLinear(d, d, config=config, init_method=outer, bias=False,
                                 input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
@@ -206,6 +227,9 @@ def _validate(shape, args):
     c = args["wkv_chunk"]
     if not isinstance(c, int) or isinstance(c, bool) or c < 2:
         errors.append(f"rwkv.wkv_chunk: {c!r}; use an int >= 2 (positions per WKV chunk), e.g. 4")
+    if args["projection_init"] not in PROJECTION_INITS:
+        errors.append(f"rwkv.projection_init: {args['projection_init']!r}; use 'kaiming_uniform' (the reference's) "
+                      f"or 'init_method' (the model's init methods)")
     return errors
 
 
@@ -219,7 +243,7 @@ register(
     MixerSpec(
         name="rwkv",
         module=RWKVTimeMix,
-        defaults={"wkv_chunk": 4},
+        defaults={"wkv_chunk": 4, "projection_init": "kaiming_uniform"},
         tp_split="channels",
         flops=_flops,
         validate=_validate,

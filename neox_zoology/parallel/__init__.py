@@ -11,6 +11,7 @@ from neox_zoology.parallel.tp import (  # noqa: F401
     copy_to_tp,
     gather_from_tp,
     mark_tp_param,
+    reduce_from_tp,
     tp_rank,
     tp_size,
     tp_slice,

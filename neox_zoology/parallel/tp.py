@@ -43,10 +43,36 @@ def tp_slice(n: int) -> slice:
     return slice(tp_rank() * per, (tp_rank() + 1) * per)
 
 
-def copy_to_tp(x):
-    """Identity forward, all-reduce backward: enter a region computed per TP shard."""
-    return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=_group()) if tp_size() > 1 else x
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; backward hands on a contiguous gradient."""
 
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def copy_to_tp(x):
+    """Identity forward, all-reduce backward: enter a region computed per TP shard.
+
+    megatron-core's all-reduce reduces `x.contiguous()` and returns `x`, so a non-contiguous tensor
+    would come back unreduced: the gradient reaching it is made contiguous first (consumers may take
+    permuted views of the output). The collective stays inside megatron-core, which torch.compile
+    leaves untraced under TP (see model/block.py).
+    """
+    if tp_size() == 1:
+        return x
+    return _ContiguousGrad.apply(tensor_parallel.copy_to_tensor_model_parallel_region(x, group=_group()))
+
+
+def reduce_from_tp(x):
+    """All-reduce forward, identity backward: sum the partial products of a row-parallel layer (any layout)."""
+    if tp_size() == 1:
+        return x
+    return tensor_parallel.reduce_from_tensor_model_parallel_region(x.contiguous(), group=_group())
 
 
 def gather_from_tp(x):
