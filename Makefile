@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 # Builds the demo corpus + tokenizer when missing, then trains on 2 CPU ranks.
 demo: $(STAMP)
 	$(PY) -m tokenization.demo_corpus --out data/demo
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m neox_zoology.demo
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m eval.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

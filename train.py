@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Entry point: `deepspeed train.py configs/neox/baseconv_360m.yml` (see README)."""
+"""Entry point: `deepspeed train.py configs/neox/baseconv_360m.yml` (see README). Wires the
+after-checkpoint AR-slice evaluation (eval/) into the library's trainer."""
 import sys
 
+from eval.hook import ArSliceHook
 from neox_zoology.training.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(after_save=(ArSliceHook,)))

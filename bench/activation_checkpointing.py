@@ -71,7 +71,7 @@ def build(ns, config: str, ckpt: bool, chunk: int):
     from neox_zoology.config import load
     from neox_zoology.model.gpt import SequentialGPT
     from neox_zoology.training.engine import model_config
-    from neox_zoology.training.loop import resolve_vocab
+    from neox_zoology.tokenizer import resolve_vocab
 
     from bench.trainer_overhead import free_port
     from neox_zoology.parallel import setup as psetup

@@ -90,7 +90,8 @@ def run(ns) -> dict:
     from neox_zoology.parallel import setup as psetup
     from neox_zoology.parallel.cpu_compat import model_parallel_seed
     from neox_zoology.training.engine import build_engine
-    from neox_zoology.training.loop import eval_loss, resolve_vocab
+    from neox_zoology.tokenizer import resolve_vocab
+    from neox_zoology.training.loop import eval_loss
     from neox_zoology.training.metrics import Logger
 
     torch.set_num_threads(ns.threads)

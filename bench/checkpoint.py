@@ -72,7 +72,8 @@ def run(ns) -> dict:
     from neox_zoology.parallel.cpu_compat import model_parallel_seed
     from neox_zoology.training import checkpoint
     from neox_zoology.training.engine import build_engine
-    from neox_zoology.training.loop import resolve_vocab, train_step
+    from neox_zoology.tokenizer import resolve_vocab
+    from neox_zoology.training.loop import train_step
 
     work = Path(ns.dir) if ns.dir else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
     work.mkdir(parents=True, exist_ok=True)

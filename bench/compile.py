@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from bench.common import cores, emit, loadavg, machine
+from bench.mixers import default_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,6 @@ VARIANTS = {
     "baseconv_long": ("baseconv", {"layer_index": 1}),
     "sliding_window": ("sliding_window", {"window": 256}),
 }
-DEFAULT = ["attention", "sliding_window", "baseconv_short", "baseconv_long", "hyena", "h3", "rwkv", "long_conv"]
 
 
 def spec_of(variant: str):
@@ -63,7 +63,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8, help="attention heads (default 8: head dim 64 at hidden 512)")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--mixers", default=None, help=f"comma-separated variants (default: {','.join(DEFAULT)})")
+    p.add_argument("--mixers", default=None, help="comma-separated variants (default: every registered type but the sparse ones, as in bench.mixers)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
@@ -157,7 +157,7 @@ def run_benchmark(ns) -> dict:
     t_start = time.perf_counter()
     load_start = loadavg()
     threads = ns.threads or cores()
-    variants = [v.strip() for v in ns.mixers.split(",") if v.strip()] if ns.mixers else DEFAULT
+    variants = [v.strip() for v in ns.mixers.split(",") if v.strip()] if ns.mixers else default_variants()
     results = []
     for v in variants:
         print(f"bench.compile: {v} ...", file=sys.stderr, flush=True)

@@ -81,8 +81,9 @@ def stages(ns, out: Path, tmp: Path) -> list[dict]:
     """Each stage: name, cmd, timeout (s), min_s (skipped when less is left), optional."""
     py = sys.executable
     pytest = [py, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_fast_paths.py"]
-    types = ["attention", "baseconv", "h3", "hyena", "long_conv", "rwkv", "sliding_window",
-             "sparse_learned", "sparse_programmatic", "sparse_random"]
+    from neox_zoology import registry
+
+    types = registry.names()  # every registered layer type, one layer each
     every = ["--set", f"num_layers={len(types)}", "--set",
              "attention_config=" + json.dumps([[types, "all"]]), "--vocab", "1024"]
     tiny = ns.rehearsal

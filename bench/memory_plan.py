@@ -78,7 +78,7 @@ def parse(argv=None):
 
 def load_args(configs, sets):
     from neox_zoology.config import load
-    from neox_zoology.training.loop import resolve_vocab
+    from neox_zoology.tokenizer import resolve_vocab
 
     args = load([str(ROOT / c) if not Path(c).is_absolute() else c for c in configs], sets=sets, world_size=1)
     resolve_vocab(args)

@@ -58,7 +58,7 @@ def peer(files: list[Path], prefix: Path, vocab_file: str, merge_file: str) -> d
         warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    from tokenization.tokenizer import build_tokenizer
+    from neox_zoology.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer("GPT2BPETokenizer", vocab_file, merge_file)
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))

@@ -146,7 +146,8 @@ def run_benchmark(ns: argparse.Namespace) -> dict:
     from neox_zoology.parallel import setup as psetup
     from neox_zoology.parallel.cpu_compat import model_parallel_seed
     from neox_zoology.training.engine import build_engine, make_optimizer, model_config
-    from neox_zoology.training.loop import resolve_vocab, train_step
+    from neox_zoology.tokenizer import resolve_vocab
+    from neox_zoology.training.loop import train_step
     from neox_zoology.model.gpt import SequentialGPT
 
     configs = ns.config or [str(DEFAULT_CONFIG)]

@@ -349,14 +349,6 @@ def format_summary(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path, doc: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     from eval.standalone import main as standalone_main
 

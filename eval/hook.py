@@ -27,16 +27,12 @@ from pathlib import Path
 import torch
 
 from eval import ar_slice
+from neox_zoology.io import atomic_write_json
+from neox_zoology.training.engine import is_pipe
 
 
 class FailedOnAnotherRank(RuntimeError):
     pass
-
-
-def _is_pipe(engine) -> bool:
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    return isinstance(engine, PipelineEngine)
 
 
 def _tp_rank() -> int:
@@ -52,6 +48,10 @@ def _with_tokens(batches):
 
 
 class ArSliceHook:
+    """After-save hook of training.loop.run: the AR slice of the validation batches at each checkpoint."""
+
+    config_key = "ar_eval"
+
     def __init__(self, args, engine, valid_iterator_factory, logger=None, tokenizer=None):
         self.args = args
         self.cfg = dict(args.ar_eval)
@@ -137,7 +137,7 @@ class ArSliceHook:
                 "ar_eval: there is no validation data to evaluate; give `split` a validation part or set "
                 "valid_data_paths (or set ar_eval.enabled: false)")
         it = _with_tokens(batches)
-        pipe = _is_pipe(engine)
+        pipe = is_pipe(engine)
         counts, threshold = self.counts, int(self.cfg["threshold"])
         from neox_zoology.model.gpt import token_nll
 
@@ -243,7 +243,7 @@ class ArSliceHook:
         else:
             out_dir = Path(checkpoint_dir) if checkpoint_dir else Path(self.args.save or ".") / f"global_step{iteration}"
             json_path, png_path = out_dir / "ar_slice.json", out_dir / "ar_slice.png"
-        ar_slice.write_json(json_path, doc)
+        atomic_write_json(json_path, doc)
         overlays = []
         if self.reference is not None:
             overlays.append(("reference", self.reference))

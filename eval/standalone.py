@@ -54,14 +54,14 @@ def run(ns) -> dict:
     from megatron.core import parallel_state
 
     from eval.hook import ArSliceHook
-    from neox_zoology.config import _validate_ar_eval, load
+    from neox_zoology.config import validate_ar_eval, load
     from neox_zoology.data import BatchIterator, build_datasets
     from neox_zoology.parallel import setup as psetup
     from neox_zoology.parallel.cpu_compat import model_parallel_seed
     from eval.ar_slice import ARSliceError
     from neox_zoology.training import checkpoint
     from neox_zoology.training.engine import build_engine
-    from neox_zoology.training.loop import load_tokenizer, resolve_vocab
+    from neox_zoology.tokenizer import load_tokenizer, resolve_vocab
 
     args = load(ns.configs, ns.override, ns.sets)
     section = dict(args.ar_eval, enabled=True)
@@ -70,7 +70,7 @@ def run(ns) -> dict:
         if value is not None:
             section[key] = value
     args.ar_eval = section
-    _validate_ar_eval(args, lambda k: "--bigram-counts/--iters/--threshold/--reference or the config")
+    validate_ar_eval(args, lambda k: "--bigram-counts/--iters/--threshold/--reference or the config")
     save_dir, tag = resolve_checkpoint(ns.load, ns.iteration)
     tokenizer = load_tokenizer(args)
     resolve_vocab(args, tokenizer)

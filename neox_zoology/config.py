@@ -592,7 +592,7 @@ class Args:
 
 
 
-def _validate_ar_eval(args: Args, where) -> None:
+def validate_ar_eval(args: Args, where) -> None:
     """The ar_eval section (eval.standalone calls this again after applying its command-line values)."""
     w = where("ar_eval")
     cfg = ARG_RULES["ar_eval"].check(args.ar_eval, "ar_eval", w)
@@ -724,7 +724,9 @@ def merge_files(paths, overrides=(), sets=()) -> tuple[dict, dict]:
 def expand_attention_config(spec, num_layers: int, where: str = "attention_config") -> list[str]:
     """NeoX's `[[pattern, count], ...]` -> one layer type per layer."""
     if spec is None:
-        return ["attention"] * num_layers
+        from neox_zoology import registry
+
+        return [registry.DEFAULT_TYPE] * num_layers
     if not isinstance(spec, list) or not spec:
         raise ConfigError(f"{where}: {spec!r} is not a list of [[types...], count] pairs, e.g. [[['baseconv', 'attention'], 12]]")
     types: list[str] = []
@@ -883,7 +885,7 @@ def _validate(args: Args, where) -> None:
             f"{where('train_batch_size')}: train_batch_size {args.train_batch_size} != micro batch "
             f"{args.train_micro_batch_size_per_gpu} x accumulation {args.gradient_accumulation_steps} x DP {args.dp}"
         )
-    _validate_ar_eval(args, where)
+    validate_ar_eval(args, where)
     # per-mixer arguments at this shape
     shape = args.shape()
     for t in sorted(set(args.layer_types)):

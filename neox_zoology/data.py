@@ -16,6 +16,8 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+from neox_zoology.indexed import IndexFileError, read_index
+
 
 class DatasetTokenizer:
     """The few tokenizer facts megatron-core's GPTDataset reads (eod/pad ids, cache identity).
@@ -51,8 +53,7 @@ def check_data_identity(args, tokenizer) -> list[str]:
     """Refuse a dataset whose recorded tokenizer (tokenization.preprocess writes `<prefix>.json`) is not
     the run's (ConfigError naming both); returns notices for datasets without a record."""
     from neox_zoology.config import ConfigError
-    from tokenization.bigrams import BigramCountsError, dataset_tokenizer, identity_id, same_tokenizer
-    from tokenization.preprocess import tokenizer_identity
+    from neox_zoology.tokenizer import dataset_tokenizer, identity_id, same_tokenizer, tokenizer_identity
 
     if tokenizer is None:
         return []
@@ -60,7 +61,7 @@ def check_data_identity(args, tokenizer) -> list[str]:
     for prefix in dict.fromkeys(data_prefixes(args)):
         try:
             record = dataset_tokenizer(prefix)
-        except BigramCountsError as exc:
+        except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if record is None:
             notices.append(f"{prefix}: no tokenizer record ({prefix}.json), so its tokenizer cannot be checked "
@@ -87,10 +88,6 @@ def _blend(paths, weights):
     return (list(paths), [float(w) for w in weights] if weights else None)
 
 
-TOKEN_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 8: "uint16"}
-"""megatron-core's index dtype codes that can hold token ids (6 and 7 are float64/float32)."""
-
-
 def check_indexed_dataset(prefix: str, vocab_size: int | None = None, sample_tokens: int = 1 << 20) -> int:
     """Check a megatron .bin/.idx pair before megatron-core maps it; returns its document count.
 
@@ -99,46 +96,32 @@ def check_indexed_dataset(prefix: str, vocab_size: int | None = None, sample_tok
     the first and last `sample_tokens` token ids inside the vocabulary (a wrong dtype code or a file
     of another tokenizer shows there). Any failure is a ConfigError naming the file and the fix.
     """
-    import struct
-
     from neox_zoology.config import ConfigError
 
-    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
     fix = f"re-run `python -m tokenization.preprocess` for {prefix}"
-    raw = idx.read_bytes()
-    header = 9 + 8 + 1 + 8 + 8
-    if len(raw) < header or raw[:9] != b"MMIDIDX\x00\x00":
-        raise ConfigError(f"{idx}: not a megatron index (bad header or {len(raw)} bytes); {fix}")
-    version, code, n_seq, n_doc = struct.unpack("<QBQQ", raw[9:header])
-    if version != 1:
-        raise ConfigError(f"{idx}: index version {version}, expected 1; {fix}")
-    if code not in TOKEN_DTYPES:
-        raise ConfigError(f"{idx}: dtype code {code} cannot hold token ids (known: {TOKEN_DTYPES}); {fix}")
-    need = header + 4 * n_seq + 8 * n_seq + 8 * n_doc
-    if len(raw) != need:
-        raise ConfigError(f"{idx}: {len(raw)} bytes, but its header ({n_seq} sequences, {n_doc} document "
-                          f"boundaries) needs {need}: the file is truncated or corrupt; {fix}")
-    lengths = np.frombuffer(raw, np.int32, n_seq, header)
-    pointers = np.frombuffer(raw, np.int64, n_seq, header + 4 * n_seq)
-    docs = np.frombuffer(raw, np.int64, n_doc, header + 12 * n_seq)
-    item = np.dtype(TOKEN_DTYPES[code]).itemsize
+    try:
+        index = read_index(prefix)
+        lengths, pointers, docs = index.arrays()
+    except IndexFileError as exc:
+        raise ConfigError(f"{exc}; {fix}") from None
+    idx, bin_, item, n_seq = index.idx, index.bin, index.dtype.itemsize, index.sequences
     if n_seq and ((lengths < 0).any() or (pointers != np.concatenate([[0], np.cumsum(lengths[:-1].astype(np.int64) * item)])).any()):
         raise ConfigError(f"{idx}: sequence lengths and pointers disagree: the index is corrupt; {fix}")
-    if n_doc == 0 or docs[0] != 0 or docs[-1] != n_seq or (np.diff(docs) < 0).any():
+    if index.boundaries == 0 or docs[0] != 0 or docs[-1] != n_seq or (np.diff(docs) < 0).any():
         raise ConfigError(f"{idx}: document boundaries are not 0 ... {n_seq} in order: the index is corrupt; {fix}")
     expected = int(lengths.astype(np.int64).sum()) * item
     actual = bin_.stat().st_size
     if actual != expected:
         raise ConfigError(f"{bin_}: {actual} bytes, but {idx} describes {expected} ({expected // item} tokens of "
-                          f"{TOKEN_DTYPES[code]}): the pair does not belong together or the .bin is truncated; {fix}")
+                          f"{index.dtype}): the pair does not belong together or the .bin is truncated; {fix}")
     if vocab_size is not None and expected:
-        tokens = np.memmap(bin_, dtype=TOKEN_DTYPES[code], mode="r")
+        tokens = np.memmap(bin_, dtype=index.dtype, mode="r")
         for part in (tokens[:sample_tokens], tokens[-sample_tokens:]):
             lo, hi = int(part.min()), int(part.max())
             if lo < 0 or hi >= vocab_size:
                 raise ConfigError(f"{bin_}: token ids {lo} .. {hi} fall outside the tokenizer's vocabulary of "
                                   f"{vocab_size}: the data was written with another tokenizer or dtype; {fix}")
-    return n_doc - 1
+    return index.boundaries - 1
 
 
 def check_split(args) -> None:

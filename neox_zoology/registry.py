@@ -56,6 +56,9 @@ class MixerSpec:
     """One line for the layer table."""
 
 
+DEFAULT_TYPE = "attention"
+"""The layer type of every layer when a config has no attention_config (GPT-NeoX's global attention)."""
+
 _SPECS: dict[str, MixerSpec] = {}
 _ALIASES: dict[str, str] = {}
 

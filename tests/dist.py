@@ -122,7 +122,7 @@ def model_grads(rank, raw, tp: int, masked: bool = False):
     from neox_zoology.config import build_args
     from neox_zoology.model.gpt import SequentialGPT, lm_loss
     from neox_zoology.training.engine import model_config
-    from neox_zoology.training.loop import resolve_vocab
+    from neox_zoology.tokenizer import resolve_vocab
 
     init_tp(tp)
     args = build_args(raw, world_size=tp)

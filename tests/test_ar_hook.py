@@ -12,6 +12,7 @@ from conftest import ROOT
 from dist import run_ranks
 from eval import ar_slice
 from neox_zoology.config import build_args
+from neox_zoology.io import atomic_write_json
 from tokenization import bigrams
 
 
@@ -19,8 +20,8 @@ from tokenization import bigrams
 def bigram_file(tiny_corpus, tmp_path_factory):
     """The AR slice's counts for the tiny corpus as the runs below split it ("90,10,0"): counted by
     tokenization.bigrams over the training documents, for the bigrams of the validation documents."""
-    from tokenization.preprocess import tokenizer_identity
-    from tokenization.tokenizer import build_tokenizer
+    from neox_zoology.tokenizer import tokenizer_identity
+    from neox_zoology.tokenizer import build_tokenizer
 
     tok = build_tokenizer("SPMTokenizer", tiny_corpus["tokenizer"], None)
     train, valid, _ = bigrams.split_documents(tiny_corpus["data_prefix"], "90,10,0")
@@ -47,7 +48,8 @@ def _hook_after_save(rank, raw, world, strict_counts=None):
     from neox_zoology.parallel.cpu_compat import model_parallel_seed
     from neox_zoology.training import checkpoint
     from neox_zoology.training.engine import build_engine
-    from neox_zoology.training.loop import eval_loss, load_tokenizer, resolve_vocab
+    from neox_zoology.tokenizer import load_tokenizer, resolve_vocab
+    from neox_zoology.training.loop import eval_loss
     from neox_zoology.training.metrics import Logger
 
     args = build_args(raw, world_size=world)
@@ -162,14 +164,13 @@ def test_reference_run_gives_gap_attribution_and_overlay(tiny_raw, bigram_file, 
     assert gap == ar_slice.gap_attribution(doc, ref_doc)
 
 
-def _run_loop(rank, raw, world):
+def _run_loop(rank, raw, world, after_save=None):
+    from eval.hook import ArSliceHook
     from neox_zoology.training.loop import run
 
-    return run(build_args(raw, world_size=world))
+    return run(build_args(raw, world_size=world), after_save=(ArSliceHook,) if after_save is None else after_save)
 
 
-@pytest.mark.skipif("ArSliceHook" not in (ROOT / "neox_zoology/training/loop.py").read_text(),
-                    reason="the hook is not wired into training/loop.py yet")
 def test_training_loop_runs_the_hook_after_each_checkpoint(tiny_raw, bigram_file, tmp_path):
     raw = hook_raw(tiny_raw, bigram_file, tmp_path, train_iters=4, checkpoint_factor=2, pipe_parallel_size=2)
     with_hook = run_ranks(_run_loop, 2, raw, 2)[0]
@@ -268,7 +269,23 @@ def test_previous_step_for_the_plot_overlay_is_found_on_disk_after_a_restart(tmp
     from eval.hook import ArSliceHook
 
     for step in (2, 4, 8):
-        ar_slice.write_json(tmp_path / f"global_step{step}" / "ar_slice.json", {"iteration": step})
+        atomic_write_json(tmp_path / f"global_step{step}" / "ar_slice.json", {"iteration": step})
     step, doc = ArSliceHook._previous_on_disk(6, str(tmp_path / "global_step6"))
     assert step == 4 and doc == {"iteration": 4}
     assert ArSliceHook._previous_on_disk(2, str(tmp_path / "global_step2")) is None
+
+
+def test_an_enabled_ar_eval_without_its_hook_is_refused(tiny_raw, bigram_file, tmp_path):
+    """The library's loop runs only the hooks its entry point wires: an enabled ar_eval that nothing would
+    evaluate is refused before training, naming the fix, never silently skipped."""
+    from neox_zoology.config import ConfigError
+    from neox_zoology.training.loop import check_hooks
+
+    args = build_args(hook_raw(tiny_raw, bigram_file, tmp_path), world_size=1)
+    with pytest.raises(ConfigError, match="ar_eval.enabled is true but this entry point runs no AR-slice hook"):
+        check_hooks(args, ())
+    from eval.hook import ArSliceHook
+
+    check_hooks(args, (ArSliceHook,))  # wired: accepted
+    args.ar_eval = {**args.ar_eval, "enabled": False}
+    check_hooks(args, ())  # disabled: nothing to run

@@ -274,7 +274,7 @@ def copy_corpus(tiny_corpus, folder: Path) -> tuple[str, str]:
 def test_counts_written_by_the_command_line_load_in_the_ar_slice_evaluation(tiny_corpus, tmp_path, capsys):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from tokenization.tokenizer import build_tokenizer
+    from neox_zoology.tokenizer import build_tokenizer
 
     prefix, spm = copy_corpus(tiny_corpus, tmp_path / "data")
     out = tmp_path / "bigrams.npz"
@@ -300,8 +300,8 @@ def test_counts_written_by_the_command_line_load_in_the_ar_slice_evaluation(tiny
 
 
 def test_demo_counts_the_training_documents_of_its_split_once(tiny_corpus, tiny_raw, tmp_path):
-    from neox_zoology import demo
-    from tokenization.tokenizer import build_tokenizer
+    from eval import demo
+    from neox_zoology.tokenizer import build_tokenizer
 
     prefix, spm = copy_corpus(tiny_corpus, tmp_path / "data")
     config = tmp_path / "demo.yml"
@@ -340,7 +340,7 @@ def test_frequency_matched_gap_weights_buckets_by_their_ar_hits():
 
 
 def test_demo_reads_no_recall_when_ar_hits_score_like_their_frequency():
-    from neox_zoology import demo
+    from eval import demo
 
     text = demo.reading(_freq_doc([(0, 0, 30, 7.30, 500, 7.40), (1, 1, 10, 5.0, 200, 5.1)]))
     assert "AR hits 7.30 nats (30 tokens) vs other tokens 7.40 nats (500)" in text
@@ -350,7 +350,7 @@ def test_demo_reads_no_recall_when_ar_hits_score_like_their_frequency():
 
 
 def test_demo_mqar_contrast_trains_both_patterns(monkeypatch, capsys):
-    from neox_zoology import demo
+    from eval import demo
 
     monkeypatch.setattr(demo, "MQAR_CONTRAST", {**demo.MQAR_CONTRAST, "seq_len": 32, "kv": 2, "d_model": 16,
                                                 "steps": 3})

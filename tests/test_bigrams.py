@@ -24,8 +24,9 @@ from tokenization.bigrams import (
     save_bigram_counts,
     split_documents,
 )
-from tokenization.preprocess import _array_builder_class, preprocess, tokenizer_identity
-from tokenization.tokenizer import build_tokenizer
+from neox_zoology.tokenizer import tokenizer_identity
+from tokenization.preprocess import _array_builder_class, preprocess
+from neox_zoology.tokenizer import build_tokenizer
 
 
 def write_dataset(prefix: Path, documents: list[np.ndarray], dtype=np.uint16) -> str:

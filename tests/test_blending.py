@@ -32,7 +32,7 @@ def _sources_of_samples(rank, raw, samples):
 
     from neox_zoology.config import build_args
     from neox_zoology.data import build_datasets
-    from tokenization.tokenizer import build_tokenizer
+    from neox_zoology.tokenizer import build_tokenizer
 
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
@@ -53,7 +53,7 @@ def _sources_of_samples(rank, raw, samples):
 
 @pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1, 1, 8]], ids=["normalised", "unnormalised"])
 def test_train_data_paths_are_sampled_in_proportion_to_their_weights(tiny_raw, tiny_corpus, tmp_path, weights):
-    from tokenization.tokenizer import build_tokenizer
+    from neox_zoology.tokenizer import build_tokenizer
 
     eod = build_tokenizer("SPMTokenizer", tiny_corpus["tokenizer"]).eod
     assert eod < min(low for low, _ in RANGES.values())
@@ -73,7 +73,7 @@ def _read_pile_sample(rank, raw):
 
     from neox_zoology.config import build_args
     from neox_zoology.data import BatchIterator, build_datasets
-    from tokenization.tokenizer import build_tokenizer
+    from neox_zoology.tokenizer import build_tokenizer
 
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
@@ -95,7 +95,7 @@ def _pieces(sample: np.ndarray, eod: int) -> list[np.ndarray]:
 
 def test_build_datasets_reads_the_preprocessed_pile_sample(tiny_raw, tmp_path):
     from tokenization.pile_sample import write_pile_sample
-    from tokenization.tokenizer import build_tokenizer
+    from neox_zoology.tokenizer import build_tokenizer
 
     tiny = train_tiny_bpe(tmp_path / "bpe")
     write_pile_sample(tmp_path / "pile", mb=0.3, seed=2)

@@ -118,7 +118,7 @@ def _gpt_grads(rank, raw, tp):
 
     from neox_zoology.model.gpt import SequentialGPT, lm_loss
     from neox_zoology.training.engine import model_config
-    from neox_zoology.training.loop import resolve_vocab
+    from neox_zoology.tokenizer import resolve_vocab
 
     # A forked child must not use the compile-worker pool the parent may have started (it hangs):
     # compile in this process.

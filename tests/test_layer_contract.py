@@ -174,7 +174,7 @@ def test_bf16_stays_within_tolerance_of_fp32(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_the_dry_run_memory_plan_accounts_it(name):
     from neox_zoology.training import memory
-    from neox_zoology.training.loop import resolve_vocab
+    from neox_zoology.tokenizer import resolve_vocab
 
     args = build_args({**tiny_config(name), "train_micro_batch_size_per_gpu": 2}, world_size=1)
     resolve_vocab(args)

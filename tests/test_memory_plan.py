@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT
 from neox_zoology.config import build_args
 from neox_zoology.training import memory
-from neox_zoology.training.loop import resolve_vocab
+from neox_zoology.tokenizer import resolve_vocab
 
 TINY = {
     "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64, "vocab_size": 1000,

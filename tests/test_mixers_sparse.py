@@ -464,7 +464,8 @@ def _train_sgd(rank, raw, world, steps):
     from neox_zoology.parallel import setup as psetup
     from neox_zoology.parallel.cpu_compat import model_parallel_seed
     from neox_zoology.training import engine as engine_mod
-    from neox_zoology.training.loop import resolve_vocab, train_step
+    from neox_zoology.tokenizer import resolve_vocab
+    from neox_zoology.training.loop import train_step
 
     def sgd(args, model):
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -519,7 +520,7 @@ def reference_step(raw, micro_batches):
     """One SGD step by hand: mean over micro-batches of (LM loss + each layer's explicit aux loss)."""
     from neox_zoology.model.gpt import SequentialGPT, lm_loss
     from neox_zoology.training.engine import model_config
-    from neox_zoology.training.loop import resolve_vocab
+    from neox_zoology.tokenizer import resolve_vocab
 
     args = build_args(raw, world_size=1)
     resolve_vocab(args)
@@ -651,7 +652,8 @@ def _train_config(rank, args):
     from neox_zoology.parallel import setup as psetup
     from neox_zoology.parallel.cpu_compat import model_parallel_seed
     from neox_zoology.training.engine import build_engine
-    from neox_zoology.training.loop import load_tokenizer, resolve_vocab, train_step
+    from neox_zoology.tokenizer import load_tokenizer, resolve_vocab
+    from neox_zoology.training.loop import train_step
 
     psetup.init_distributed("gloo")
     topo = psetup.init_model_parallel(args.tp, args.pp)

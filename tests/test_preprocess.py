@@ -15,8 +15,9 @@ import pytest
 import zstandard
 
 from tokenization import preprocess as pp
-from tokenization.preprocess import PreprocessError, expand_inputs, preprocess, tokenizer_identity
-from tokenization.tokenizer import build_tokenizer
+from neox_zoology.tokenizer import tokenizer_identity
+from tokenization.preprocess import PreprocessError, expand_inputs, preprocess
+from neox_zoology.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import tokenizers
 
 from tokenization import demo_corpus
 from tokenization.demo_corpus import build_demo_corpus
-from tokenization.tokenizer import build_tokenizer
+from neox_zoology.tokenizer import build_tokenizer
 from tokenization.train_spm import main as train_spm_main
 from tokenization.train_spm import train_spm
 

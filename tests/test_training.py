@@ -198,7 +198,7 @@ def test_paper_70m_configs_train_on_cpu_with_short_sequences(tiny_corpus, tmp_pa
 def _grads_with_dropout(rank, raw, checkpoint_layers):
     from neox_zoology.model.gpt import SequentialGPT, lm_loss
     from neox_zoology.training.engine import model_config
-    from neox_zoology.training.loop import resolve_vocab
+    from neox_zoology.tokenizer import resolve_vocab
 
     init_tp(1)
     args = build_args({**raw, "checkpoint_activations": bool(checkpoint_layers),

@@ -1,6 +1,2 @@
-"""Tokenizers (GPT2BPETokenizer, HFTokenizer, SPMTokenizer), SentencePiece training and the demo
-corpus builder. ``build_tokenizer`` is the one entry point the training stack needs."""
-
-from tokenization.tokenizer import Tokenizer, build_tokenizer
-
-__all__ = ["Tokenizer", "build_tokenizer"]
+"""Preprocessing JSONL to megatron-core .bin/.idx, SentencePiece training, bigram training counts and
+the demo corpus builder. The tokenizers themselves are part of the library: neox_zoology.tokenizer."""

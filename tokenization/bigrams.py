@@ -64,12 +64,10 @@ the training counts of the pairs (a[i], b[i]) as an int64 array (numpy broadcast
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
-import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -78,12 +76,12 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_zoology.indexed import IndexFileError, read_index
+from neox_zoology.tokenizer import as_identity, dataset_tokenizer, identity_id, same_tokenizer
+
 FORMAT = "neox_zoology.bigram_counts/1"
 CHUNK_TOKENS = 1 << 20  # training tokens per step (2^15..2^20 measured within 5%; ~50 MB of temporaries)
 EVAL_CHUNK_TOKENS = 1 << 22
-_INDEX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx header
-_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
-           7: np.float32, 8: np.uint16}  # megatron-core DType codes
 _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: multiplicative hashing
 
 
@@ -143,44 +141,26 @@ def dataset_info(prefix: str | Documents, documents: tuple[int, int | None] | No
     """
     if isinstance(prefix, Documents):
         prefix, documents = prefix.prefix, (prefix.start, prefix.stop)
-    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
-    for path in (idx, bin_):
+    for path in (Path(prefix + ".idx"), Path(prefix + ".bin")):
         if not path.is_file():
             raise BigramCountsError(f"{path} not found: give the dataset prefix (the path without "
                                     ".bin/.idx), as in train_data_paths")
-    with open(idx, "rb") as f:
-        header = f.read(34)
-        if len(header) < 34 or header[:9] != _INDEX_MAGIC:
-            raise BigramCountsError(f"{idx} is not a megatron-core index (.idx) file")
-        version, code, sequences, _documents = struct.unpack("<QBQQ", header[9:])
-        if version != 1 or code not in _DTYPES:
-            raise BigramCountsError(f"{idx}: unsupported index version {version} / dtype code {code}")
-        dtype = np.dtype(_DTYPES[code])
-        if not np.issubdtype(dtype, np.integer):
-            raise BigramCountsError(f"{idx}: tokens of dtype {dtype} are not token ids")
-        size = bin_.stat().st_size
-
-        def pointer(i: int) -> int:  # byte offset of sequence i in the .bin
-            f.seek(34 + 4 * sequences + 8 * i)
-            return struct.unpack("<q", f.read(8))[0]
-
-        if sequences:
-            f.seek(34 + 4 * (sequences - 1))
-            (last_length,) = struct.unpack("<i", f.read(4))
-            expected = pointer(sequences - 1) + last_length * dtype.itemsize
-        else:
-            expected = 0
-        if expected != size:
-            raise BigramCountsError(f"{bin_} has {size} bytes but its .idx describes {expected}: the pair "
-                                    "does not belong together (an interrupted copy?); make it again")
-        if documents is None:
-            return DatasetInfo(prefix, dtype, size // dtype.itemsize, sequences)
-        start, stop = int(documents[0]), sequences if documents[1] is None else int(documents[1])
-        if not 0 <= start <= stop <= sequences:
-            raise BigramCountsError(f"{prefix}: documents [{start}, {stop}) are not within its {sequences} "
-                                    "documents")
-        first = pointer(start) if start < sequences else size
-        end = pointer(stop) if stop < sequences else size
+    try:
+        index = read_index(prefix)
+    except IndexFileError as exc:
+        raise BigramCountsError(f"{exc}; make the dataset again with python -m tokenization.preprocess") from None
+    dtype, sequences, size = index.dtype, index.sequences, index.bin.stat().st_size
+    expected = index.pointer(sequences)
+    if expected != size:
+        raise BigramCountsError(f"{index.bin} has {size} bytes but its .idx describes {expected}: the pair "
+                                "does not belong together (an interrupted copy?); make it again")
+    if documents is None:
+        return DatasetInfo(prefix, dtype, size // dtype.itemsize, sequences)
+    start, stop = int(documents[0]), sequences if documents[1] is None else int(documents[1])
+    if not 0 <= start <= stop <= sequences:
+        raise BigramCountsError(f"{prefix}: documents [{start}, {stop}) are not within its {sequences} "
+                                "documents")
+    first, end = index.pointer(start), index.pointer(stop)
     return DatasetInfo(prefix, dtype, (end - first) // dtype.itemsize, sequences, (start, stop),
                        first // dtype.itemsize)
 
@@ -440,25 +420,6 @@ def _parts(prefixes: list[str], documents: list[tuple[int, int]] | None) -> list
     return [Documents(p, int(a), int(b)) for p, (a, b) in zip(prefixes, documents)]
 
 
-def identity_id(identity: dict) -> str:
-    """A short name for a tokenizer identity: type and 16 hex digits of a hash of its files."""
-    blob = json.dumps({"type": identity["type"], "files": identity["files"]}, sort_keys=True)
-    return f"{identity['type']}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-
-
-def same_tokenizer(a: dict, b: dict) -> bool:
-    return (a["type"], a["files"], a.get("vocab_size")) == (b["type"], b["files"], b.get("vocab_size"))
-
-
-def as_identity(tokenizer) -> dict:
-    """The identity dict of a Tokenizer (its files are hashed); an identity dict as it is."""
-    if isinstance(tokenizer, dict):
-        return tokenizer
-    from tokenization.preprocess import tokenizer_identity
-
-    return tokenizer_identity(tokenizer)
-
-
 def save_bigram_counts(path: str | os.PathLike, counts: BigramCounts) -> None:
     """Write ``counts`` to ``path`` (complete or not at all: written aside, then renamed)."""
     path = Path(path)
@@ -502,8 +463,8 @@ def load_bigram_counts(path: str | os.PathLike, expected_vocab_size: int | None 
     """Read a counts file and check it fits the evaluation at hand.
 
     ``expected_vocab_size`` is the tokenizer's vocab_size (not the padded embedding size);
-    ``expected_tokenizer`` a Tokenizer (tokenization.tokenizer.build_tokenizer; its files are hashed),
-    an identity dict (tokenization.preprocess.tokenizer_identity) or a ``tokenizer_id`` string.
+    ``expected_tokenizer`` a Tokenizer (neox_zoology.tokenizer.build_tokenizer; its files are hashed),
+    an identity dict (neox_zoology.tokenizer.tokenizer_identity) or a ``tokenizer_id`` string.
     Raises BigramCountsError naming the file, what differs and how to fix it.
     """
     try:
@@ -614,21 +575,12 @@ def lookup(counts: BigramCounts, a, b, missing: int | None = None) -> np.ndarray
 # ------------------------------------------------------------------------------------ counting
 
 
-def dataset_tokenizer(prefix: str) -> dict | None:
-    """The tokenizer identity tokenization.preprocess recorded in ``prefix.json``, if any."""
-    path = Path(prefix + ".json")
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())["tokenizer"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BigramCountsError(f"{path}: unreadable dataset record ({exc}); make the dataset again "
-                                "with python -m tokenization.preprocess") from None
-
-
 def resolve_tokenizer(prefixes: Sequence[str], given: dict | None = None) -> dict:
     """The one tokenizer identity of all ``prefixes``: from their records, checked against ``given``."""
-    records = {prefix: dataset_tokenizer(prefix) for prefix in prefixes}
+    try:
+        records = {prefix: dataset_tokenizer(prefix) for prefix in prefixes}
+    except ValueError as exc:
+        raise BigramCountsError(str(exc)) from None
     reference_name, reference = ("the given tokenizer", given) if given else next(
         ((p, r) for p, r in records.items() if r is not None), (None, None))
     if reference is None:
@@ -655,7 +607,7 @@ def count_bigrams(train: Sequence[str | Documents], evaluation: Sequence[str | D
 
     Each dataset is a prefix (all of its documents) or a Documents (those documents only, e.g. a
     part from ``split_documents``). ``tokenizer`` is an identity dict
-    (tokenization.preprocess.tokenizer_identity) for datasets without a record; with records it must
+    (neox_zoology.tokenizer.tokenizer_identity) for datasets without a record; with records it must
     agree with them.
     """
     train, evaluation = list(train), list(evaluation)
@@ -742,8 +694,7 @@ def main(argv: list[str] | None = None) -> None:
                                     f"{Path(args.out) / 'bigrams.npz'}")
         given = None
         if args.tokenizer_type:
-            from tokenization.preprocess import tokenizer_identity
-            from tokenization.tokenizer import build_tokenizer
+            from neox_zoology.tokenizer import build_tokenizer, tokenizer_identity
 
             given = tokenizer_identity(build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file))
         train = [p for p in args.train_prefix.split(",") if p]

@@ -75,7 +75,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenization.tokenizer import Tokenizer, build_tokenizer
+from neox_zoology.io import atomic_write_json
+from neox_zoology.tokenizer import Tokenizer, build_tokenizer, tokenizer_identity
 
 FORMAT = "neox_zoology.preprocess/1"
 SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".json.zst")
@@ -564,31 +565,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(DType.optimal_dtype(vocab_size))
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tokenizer_identity(tokenizer: Tokenizer) -> dict:
-    """Type, vocab size, eod and sha256 of each file of a tokenizer: equal identities encode alike."""
-    ids = dict(tokenizer.unique_identifiers)
-    return {
-        "type": ids.pop("class", type(tokenizer).__name__),
-        "vocab_size": int(tokenizer.vocab_size),
-        "eod": int(tokenizer.eod),
-        "files": {key: "sha256:" + _sha256(path) for key, path in sorted(ids.items())},
-    }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
-    partial.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(partial, path)
-
-
 def _remove_stale_partials(prefixes: Iterable[str]) -> None:
     """Delete partial files of these prefixes left by runs that no longer exist (killed -9)."""
     for prefix in prefixes:
@@ -750,7 +726,8 @@ def preprocess(
 
     def report(result: dict) -> None:
         skipped = [{"file": f, "line": line, "reason": r, "detail": d} for f, line, r, d in tally.skipped]
-        _write_json(report_path, {"format": FORMAT, **result, "skipped_lines": skipped})
+        atomic_write_json(report_path, {"format": FORMAT, **result, "skipped_lines": skipped},
+                          temp_suffix=f"{PARTIAL}{os.getpid()}")
 
     from tqdm import tqdm
 

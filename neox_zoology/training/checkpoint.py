@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from neox_zoology.config import ConfigError
+from neox_zoology.io import atomic_write_text
 
 INCOMPLETE = ".incomplete"
 MANIFEST = "manifest.json"
@@ -114,12 +115,6 @@ def prune(save_dir, keep: int) -> None:
     for old in complete_checkpoints(save_dir)[:-keep]:
         if old.name != latest:
             shutil.rmtree(old)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------- hashing and manifest
@@ -204,7 +199,7 @@ def write_manifest(directory: Path, known: dict[str, tuple[int, str]]) -> dict:
             size, digest = file_digest(p)
         files[rel] = {"bytes": size, HASH: digest}
     manifest = {"format": 1, "hash": HASH, "files": files}
-    _atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -389,9 +384,9 @@ def save(engine, args, iteration: int) -> str:
         try:
             cfg_dir = staging / "configs"
             cfg_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(cfg_dir / "config.yml", yaml.safe_dump(args.to_dict(), sort_keys=True))
-            _atomic_write(cfg_dir / "topology.json", json.dumps(topology(args)))
-            _atomic_write(cfg_dir / MODEL_JSON, json.dumps(identity))
+            atomic_write_text(cfg_dir / "config.yml", yaml.safe_dump(args.to_dict(), sort_keys=True))
+            atomic_write_text(cfg_dir / "topology.json", json.dumps(topology(args)))
+            atomic_write_text(cfg_dir / MODEL_JSON, json.dumps(identity))
             write_manifest(staging, {k: v for g in gathered for k, v in g["written"].items()})
         except OSError as exc:
             errors.append(f"{staging}: {_reason(exc)}")
@@ -411,10 +406,10 @@ def save(engine, args, iteration: int) -> str:
 
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             if Path(save_dir, "latest").exists() and Path(save_dir, "latest").read_text().strip() == tag:
-                _atomic_write(Path(save_dir, "latest"), tag + INCOMPLETE)  # never name a half-deleted dir
+                atomic_write_text(Path(save_dir, "latest"), tag + INCOMPLETE)  # never name a half-deleted dir
             shutil.rmtree(final)
         os.replace(staging, final)
-        _atomic_write(Path(save_dir, "latest"), tag)
+        atomic_write_text(Path(save_dir, "latest"), tag)
         if args.keep_last_n_checkpoints:
             prune(save_dir, args.keep_last_n_checkpoints)
     torch.distributed.barrier()

@@ -51,7 +51,8 @@ def _report(msg: str) -> None:
         print(f"config error: {msg}", file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> int:
+def main(argv=None, after_save=()) -> int:
+    """train.py: validate, plan (--dry-run) or train; `after_save` as in training.loop.run. Returns the exit code."""
     import warnings
 
     # DeepSpeed's ZeRO calls a torch.distributed API that torch has renamed; harmless, once per rank.
@@ -66,8 +67,9 @@ def main(argv=None) -> int:
         world = dry_run_world_size(ns) if ns.dry_run else None
         args = load(ns.configs, ns.override, ns.sets, world_size=world)
         check_paths(args, need_data=not ns.dry_run)
-        from neox_zoology.training.loop import preflight
+        from neox_zoology.training.loop import check_hooks, preflight
 
+        check_hooks(args, after_save)
         _, plan = preflight(args, launch=not ns.dry_run)  # the same checks again inside the run, per rank
         if ns.dry_run:
             from neox_zoology.training import dryrun
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     from neox_zoology.training.loop import EXIT_PREEMPTED, EXIT_NONFINITE, NonFiniteError, run
 
     try:
-        summary = run(args, summary_path=ns.summary_json)
+        summary = run(args, summary_path=ns.summary_json, after_save=after_save)
     except ConfigError as exc:  # problems only a started run can see (e.g. an older checkpoint's model)
         _report(str(exc))
         return 2

@@ -10,6 +10,13 @@ from neox_zoology.model.block import ZooBlock
 from neox_zoology.model.gpt import SequentialGPT, layer_specs, lm_loss
 from neox_zoology.model.tconfig import transformer_config
 
+def is_pipe(engine) -> bool:
+    """The engine is DeepSpeed's PipelineEngine (pipe_parallel_size >= 1): it steps whole batches itself."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

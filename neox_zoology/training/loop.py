@@ -5,46 +5,19 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 
 import torch
 
 from neox_zoology import flops, registry
-from neox_zoology.config import ConfigError, pad_vocab
 from neox_zoology.data import BatchIterator, build_datasets, to_device
 from neox_zoology.model.gpt import lm_loss
+from neox_zoology.tokenizer import load_tokenizer, resolve_vocab
 from neox_zoology.parallel import setup as psetup
 from neox_zoology.parallel.cpu_compat import model_parallel_seed
 from neox_zoology.training import checkpoint
-from neox_zoology.training.engine import build_engine
+from neox_zoology.training.engine import build_engine, is_pipe
 from neox_zoology.training.metrics import Logger, Throughput
-
-
-def resolve_vocab(args, tokenizer=None) -> None:
-    """Set padded_vocab_size from the tokenizer (or the `vocab_size` key when no tokenizer is loaded)."""
-    if tokenizer is not None:
-        if args.vocab_size is not None and args.vocab_size != tokenizer.vocab_size:
-            raise ConfigError(
-                f"{args.sources.get('vocab_size', 'config')}: vocab_size {args.vocab_size} differs from the "
-                f"tokenizer's {tokenizer.vocab_size} ({args.vocab_file}); remove vocab_size or fix it"
-            )
-        args.vocab_size = tokenizer.vocab_size
-    if args.vocab_size is None:
-        raise ConfigError(
-            f"vocab_size is unknown: the tokenizer file {args.vocab_file!r} is missing; set vocab_file "
-            f"(and merge_file) to existing files or set vocab_size"
-        )
-    args.padded_vocab_size = pad_vocab(args.vocab_size, args.make_vocab_size_divisible_by, args.tp)
-
-
-def load_tokenizer(args):
-    """The run's tokenizer; a file that is missing or of another kind is a ConfigError naming it."""
-    from tokenization.tokenizer import build_tokenizer
-
-    try:
-        return build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
-    except ValueError as exc:
-        where = args.sources.get("vocab_file") or args.sources.get("tokenizer_type") or "config"
-        raise ConfigError(f"{where}: {exc}") from None
 
 
 def preflight(args, launch: bool):
@@ -60,12 +33,6 @@ def preflight(args, launch: bool):
     if launch:
         check_data_identity(args, tokenizer)
     return tokenizer, plan
-
-
-def is_pipe(engine) -> bool:
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    return isinstance(engine, PipelineEngine)
 
 
 def train_step(engine, batches, device) -> torch.Tensor:
@@ -190,9 +157,30 @@ def startup_notices(args) -> list[str]:
     return out
 
 
-def run(args, summary_path: str | None = None) -> dict:
-    """Train per `args` (already validated). Returns a summary dict (also written to summary_path)."""
+AfterSave = Callable[[int, str], object]
+"""Called on every rank after each checkpoint save with (iteration, checkpoint folder)."""
+AfterSaveFactory = Callable[..., AfterSave]
+"""(args, engine, valid_batches, log, tokenizer=...) -> AfterSave; the `config_key` attribute names the
+config section it implements (e.g. eval.hook.ArSliceHook: "ar_eval"). The entry point (train.py) wires them."""
+
+
+def check_hooks(args, after_save: Sequence[AfterSaveFactory]) -> None:
+    """Refuse an enabled after-checkpoint evaluation whose hook this entry point does not run."""
+    from neox_zoology.config import ConfigError
+
+    wired = {getattr(factory, "config_key", None) for factory in after_save}
+    if (args.ar_eval or {}).get("enabled") and "ar_eval" not in wired:
+        raise ConfigError(f"{args.sources.get('ar_eval', 'config')}: ar_eval.enabled is true but this entry point "
+                          "runs no AR-slice hook; launch train.py (it wires eval.hook.ArSliceHook) or pass "
+                          "after_save=(ArSliceHook,) to run()")
+
+
+def run(args, summary_path: str | None = None, after_save: Sequence[AfterSaveFactory] = ()) -> dict:
+    """Train per `args` (already validated). Returns a summary dict (also written to summary_path).
+    `after_save`: factories of the hooks run after every checkpoint (see AfterSaveFactory)."""
     from megatron.core import parallel_state
+
+    check_hooks(args, after_save)
 
     psetup.init_distributed()
     topo = psetup.init_model_parallel(args.tp, args.pp)
@@ -221,15 +209,13 @@ def run(args, summary_path: str | None = None) -> dict:
         train_batches = BatchIterator(splits.train, args.train_micro_batch_size_per_gpu,
                                       args.gradient_accumulation_steps, dp_rank, dp_size, start)
 
-        from eval.hook import ArSliceHook
-
         def valid_batches():  # the same batches at every checkpoint, so that steps compare
             if splits.valid is None:
                 return None
             return BatchIterator(splits.valid, args.train_micro_batch_size_per_gpu,
                                  args.gradient_accumulation_steps, dp_rank, dp_size, 0)
 
-        ar_hook = ArSliceHook(args, engine, valid_batches, log, tokenizer=tokenizer)
+        hooks = [factory(args, engine, valid_batches, log, tokenizer=tokenizer) for factory in after_save]
 
         flops_tok = 3 * flops.model_forward_per_token(args)
         meter = Throughput(args.global_batch * args.seq_length, flops_tok, args.world_size)
@@ -302,7 +288,8 @@ def run(args, summary_path: str | None = None) -> dict:
             if args.save and _should_save(args, step):
                 last_ckpt = checkpoint.save(engine, args, step)
                 log.info(f"saved checkpoint {last_ckpt}")
-                ar_hook(step, last_ckpt)  # every rank; a no-op unless ar_eval.enabled; raises only if strict
+                for hook in hooks:  # every rank (the AR slice: a no-op unless enabled; raises only if strict)
+                    hook(step, last_ckpt)
         summary = {
             "first_loss": losses[0][1] if losses else None,
             "last_loss": losses[-1][1] if losses else None,

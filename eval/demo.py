@@ -85,8 +85,8 @@ def _demo_bigram_counts(config: str) -> str | None:
     from eval import ar_slice
     from neox_zoology.config import ConfigError, load
     from tokenization import bigrams
-    from tokenization.preprocess import tokenizer_identity
-    from tokenization.tokenizer import build_tokenizer
+    from neox_zoology.tokenizer import tokenizer_identity
+    from neox_zoology.tokenizer import build_tokenizer
 
     try:
         args = load([config], world_size=1)

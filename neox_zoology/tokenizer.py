@@ -7,11 +7,16 @@ scripts need and what megatron-core's ``GPTDataset`` reads from ``config.tokeniz
 
 The heavy lifting is done by the Hugging Face ``tokenizers`` library (byte-level BPE and tokenizer
 JSON files) and by ``sentencepiece``; the classes here only load files and pick special ids.
+A tokenizer's identity (type, vocabulary size, eod, sha256 of its files) is what datasets, bigram
+counts and checkpoints record, so that data of one tokenizer is never read with another.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -179,3 +184,84 @@ def build_tokenizer(
             f"this tokenizer_type reads (GPT2BPETokenizer: gpt2-vocab.json + gpt2-merges.txt, HFTokenizer: a "
             f"tokenizer .json, SPMTokenizer: a SentencePiece .model)"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------- identity
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict:
+    """Type, vocab size, eod and sha256 of each file of a tokenizer: equal identities encode alike."""
+    ids = dict(tokenizer.unique_identifiers)
+    return {
+        "type": ids.pop("class", type(tokenizer).__name__),
+        "vocab_size": int(tokenizer.vocab_size),
+        "eod": int(tokenizer.eod),
+        "files": {key: "sha256:" + _sha256(path) for key, path in sorted(ids.items())},
+    }
+
+
+def as_identity(tokenizer) -> dict:
+    """The identity dict of a Tokenizer (its files are hashed); an identity dict as it is."""
+    return tokenizer if isinstance(tokenizer, dict) else tokenizer_identity(tokenizer)
+
+
+def identity_id(identity: dict) -> str:
+    """A short name for a tokenizer identity: type and 16 hex digits of a hash of its files."""
+    blob = json.dumps({"type": identity["type"], "files": identity["files"]}, sort_keys=True)
+    return f"{identity['type']}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    return (a["type"], a["files"], a.get("vocab_size")) == (b["type"], b["files"], b.get("vocab_size"))
+
+
+def dataset_tokenizer(prefix: str) -> dict | None:
+    """The tokenizer identity recorded in ``prefix.json`` (tokenization.preprocess writes it), if any;
+    ValueError naming the file when the record is unreadable."""
+    path = Path(prefix + ".json")
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["tokenizer"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: unreadable dataset record ({exc}); make the dataset again "
+                         "with python -m tokenization.preprocess") from None
+
+
+# ------------------------------------------------------------------------------------ for a run
+
+def load_tokenizer(args):
+    """The run's tokenizer; a file that is missing or of another kind is a ConfigError naming it."""
+    from neox_zoology.config import ConfigError
+
+    try:
+        return build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    except ValueError as exc:
+        where = args.sources.get("vocab_file") or args.sources.get("tokenizer_type") or "config"
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def resolve_vocab(args, tokenizer=None) -> None:
+    """Set padded_vocab_size from the tokenizer (or the `vocab_size` key when no tokenizer is loaded)."""
+    from neox_zoology.config import ConfigError, pad_vocab
+
+    if tokenizer is not None:
+        if args.vocab_size is not None and args.vocab_size != tokenizer.vocab_size:
+            raise ConfigError(
+                f"{args.sources.get('vocab_size', 'config')}: vocab_size {args.vocab_size} differs from the "
+                f"tokenizer's {tokenizer.vocab_size} ({args.vocab_file}); remove vocab_size or fix it"
+            )
+        args.vocab_size = tokenizer.vocab_size
+    if args.vocab_size is None:
+        raise ConfigError(
+            f"vocab_size is unknown: the tokenizer file {args.vocab_file!r} is missing; set vocab_file "
+            f"(and merge_file) to existing files or set vocab_size"
+        )
+    args.padded_vocab_size = pad_vocab(args.vocab_size, args.make_vocab_size_divisible_by, args.tp)
