@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from eval.mqar.data import MQARConfig, generate
+from neox_zoology.io import atomic_write_json
 
 def cell_settings(cfg: dict, pattern: str, seq_len: int) -> dict:
     """Everything that determines a cell's numbers besides (pattern, L, kv, d) and the learning rates.
@@ -29,7 +30,21 @@ def cell_settings(cfg: dict, pattern: str, seq_len: int) -> dict:
         "target_accuracy": cfg.get("target_accuracy"),
         "position_embeddings": pattern in cfg.get("position_embeddings", ()),
         "mixer_args": {t: (cfg.get("mixer_args") or {}).get(t, {}) for t in types},
+        "layer_args": {t: layer_args(cfg, t) for t in types},
     }
+
+
+def layer_args(cfg: dict, layer_type: str) -> dict:
+    """The layer's whole section as the sweep builds it: the registry's defaults (which carry the switches
+    that select the math and the initialisation) under the config's `mixer_args`. Recorded per cell, so a
+    cell computed before a default changed is recomputed rather than reused."""
+    from neox_zoology import registry
+
+    try:
+        spec = registry.get(layer_type)
+    except KeyError:  # an unregistered name: parse_pattern reports it when the cell runs
+        return {}
+    return {**dict(spec.defaults), **(cfg.get("mixer_args") or {}).get(layer_type, {})}
 
 
 def cell_key(pattern: str, seq_len: int, kv: int, d: int) -> str:
@@ -213,10 +228,7 @@ def load_results(out: Path, cfg: dict) -> dict:
 
 
 def save_results(out: Path, data: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, out)
+    atomic_write_json(out, data)
 
 
 def solved_at(data: dict, pattern: str, seq_len: int, kv: int, d: int) -> int | None:
