@@ -521,6 +521,8 @@ class Args:
     world_size: int = 1
     sources: dict = field(default_factory=dict)
     ignored_keys: list = field(default_factory=list)
+    config_notes: list = field(default_factory=list)
+    """What merging the files replaced and what the checks tolerated; logged at start-up, printed by --dry-run."""
 
     # ---------------------------------------------------------------- derived views
     @property
@@ -585,34 +587,44 @@ class Args:
         return out
 
     def to_dict(self) -> dict:
-        skip = {"mixer_sections", "layer_types", "padded_vocab_size", "world_size", "sources", "ignored_keys"}
+        skip = {"mixer_sections", "layer_types", "padded_vocab_size", "world_size", "sources", "ignored_keys",
+                "config_notes"}
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out.update(self.mixer_sections)
         return out
 
 
 
-def validate_ar_eval(args: Args, where) -> None:
-    """The ar_eval section (eval.standalone calls this again after applying its command-line values)."""
+def validate_ar_eval(args: Args, where, check_files: bool = True) -> None:
+    """The ar_eval section (eval.standalone calls this again after applying its command-line values).
+    `check_files`: also require its files (check_paths does that for a launch; a dry run only notes them)."""
     w = where("ar_eval")
     cfg = ARG_RULES["ar_eval"].check(args.ar_eval, "ar_eval", w)
-    if cfg["enabled"]:
-        if not cfg["bigram_counts"]:
-            raise ConfigError(
-                f"{w}: ar_eval.bigram_counts is not set but ar_eval.enabled is true; set it to the .npz of training "
-                f"bigram counts (build it with tokenization/bigrams.py) or set ar_eval.enabled: false"
-            )
-        if not Path(cfg["bigram_counts"]).is_file():
-            raise ConfigError(
-                f"{w}: ar_eval.bigram_counts: file {cfg['bigram_counts']} not found; build it from the training data "
-                f"with tokenization/bigrams.py and fix the path (or set ar_eval.enabled: false)"
-            )
-        if cfg["reference"] and not Path(cfg["reference"]).exists():
-            raise ConfigError(
-                f"{w}: ar_eval.reference: {cfg['reference']} not found; give the ar_slice.json (or the save directory) "
-                f"of an evaluated attention run, or remove the key"
-            )
+    if cfg["enabled"] and not cfg["bigram_counts"]:
+        raise ConfigError(
+            f"{w}: ar_eval.bigram_counts is not set but ar_eval.enabled is true; set it to the .npz of training "
+            f"bigram counts (build it with tokenization/bigrams.py) or set ar_eval.enabled: false"
+        )
     args.ar_eval = cfg
+    if check_files:
+        problem = ar_eval_file_problem(args)
+        if problem:
+            raise ConfigError(f"{w}: {problem}")
+
+
+def ar_eval_file_problem(args: Args) -> str | None:
+    """What is missing of an enabled ar_eval's files (bigram counts, reference), or None."""
+    cfg = args.ar_eval or {}
+    if not cfg.get("enabled"):
+        return None
+    if not Path(cfg["bigram_counts"]).is_file():
+        return (f"ar_eval.bigram_counts: file {cfg['bigram_counts']} not found; build it from the training data "
+                f"with tokenization/bigrams.py (README 'Training on the Pile', step 3) and fix the path (or set "
+                f"ar_eval.enabled: false)")
+    if cfg["reference"] and not Path(cfg["reference"]).exists():
+        return (f"ar_eval.reference: {cfg['reference']} not found; give the ar_slice.json (or the save directory) "
+                f"of an evaluated attention run, or remove the key")
+    return None
 
 
 def _field_rule(f: dataclasses.Field) -> Rule:
@@ -697,20 +709,65 @@ def read_yaml(path: str | Path) -> dict:
     return {normalize_key(k): v for k, v in data.items()}
 
 
-def merge_files(paths, overrides=(), sets=()) -> tuple[dict, dict]:
-    """Merged raw values and, per key, the file it came from."""
+KEY_GROUPS: dict[str, tuple[str, ...]] = {  # ar_eval's bigram counts are counts of the training data
+    "data": ("data_path", "train_data_paths", "valid_data_paths", "test_data_paths", "train_data_weights",
+             "valid_data_weights", "test_data_weights", "split", "data_impl", "ar_eval"),
+    "tokenizer": ("tokenizer_type", "vocab_file", "merge_file"),
+}
+"""Keys that only mean something together. A later file (config or --override) that sets any key of a group
+replaces that group of the earlier files as a whole, so a paper config (which names the Pile) combines with
+a data config as GPT-NeoX users write them; --set replaces one key."""
+
+REPLACEABLE_KEYS = ("save", "load", "checkpoint_factor", "tensorboard_dir", "log_dir")
+"""Where a run writes: a later config file replaces each of these keys one by one (a data config may name its
+own folders). Every other key set in two config files is an error."""
+
+
+class Sources(dict):
+    """key -> where its value came from; `notes` says which groups a later file replaced."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.notes: list[str] = []
+
+
+def _group_of(key: str) -> str | None:
+    return next((g for g, keys in KEY_GROUPS.items() if key in keys), None)
+
+
+def _replace_groups(merged: dict, source: Sources, new: dict, path: str) -> None:
+    """Drop the earlier values of every key group `new` (one file's keys) touches, noting what was replaced."""
+    for group in dict.fromkeys(g for g in map(_group_of, new) if g):
+        old = [k for k in KEY_GROUPS[group] if k in merged]
+        if not old:
+            continue
+        froms = sorted({source[k] for k in old})
+        source.notes.append(f"{path} replaces the {group} keys of {', '.join(froms)} ({', '.join(old)})")
+        for k in old:
+            del merged[k], source[k]
+
+
+def merge_files(paths, overrides=(), sets=()) -> tuple[dict, Sources]:
+    """Merged raw values and, per key, the file it came from (see KEY_GROUPS for what a later file replaces)."""
     merged: dict = {}
-    source: dict = {}
+    source = Sources()
     for p in paths:
-        for k, v in read_yaml(p).items():
-            if k in merged:
+        values = read_yaml(p)
+        _replace_groups(merged, source, values, str(p))
+        replaced = [k for k in values if k in merged and k in REPLACEABLE_KEYS]
+        if replaced:
+            source.notes.append(f"{p} replaces {', '.join(f'{k} of {source[k]}' for k in replaced)}")
+        for k, v in values.items():
+            if k in merged and k not in REPLACEABLE_KEYS:
                 raise ConfigError(
                     f"key '{k}' is set in both {source[k]} and {p}; set it in one file "
                     f"(or replace it deliberately with --override FILE / --set {k}=VALUE)"
                 )
             merged[k], source[k] = v, str(p)
     for p in overrides:
-        for k, v in read_yaml(p).items():
+        values = read_yaml(p)
+        _replace_groups(merged, source, values, f"{p} (override)")
+        for k, v in values.items():
             merged[k], source[k] = v, f"{p} (override)"
     for item in sets:
         if "=" not in item:
@@ -789,6 +846,7 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
         raise ConfigError(f"{where('num_kv_heads')}: num_kv_heads: {_show(kv_heads)}; grouped-query attention is not "
                           f"implemented (remove the key or set it to num_attention_heads {args.num_attention_heads})")
     args.sources = dict(source)
+    args.config_notes = list(getattr(source, "notes", []))
     args.world_size = int(world_size or os.environ.get("WORLD_SIZE", 1))
     if args.pipe_partition_method in _NEOX_PARTITION_DEFAULTS:
         args.pipe_partition_method = "type:ZooBlock"
@@ -885,7 +943,7 @@ def _validate(args: Args, where) -> None:
             f"{where('train_batch_size')}: train_batch_size {args.train_batch_size} != micro batch "
             f"{args.train_micro_batch_size_per_gpu} x accumulation {args.gradient_accumulation_steps} x DP {args.dp}"
         )
-    validate_ar_eval(args, where)
+    validate_ar_eval(args, where, check_files=False)
     # per-mixer arguments at this shape
     shape = args.shape()
     for t in sorted(set(args.layer_types)):
@@ -929,20 +987,40 @@ def writable_problem(path: str) -> str | None:
     return None
 
 
+def missing_data_fix(args: Args, prefix: str) -> str:
+    """How to get a missing dataset: the preprocessing command that writes `prefix` with the run's tokenizer,
+    or how to point the run at other data."""
+    out = prefix[: -len("_text_document")] if prefix.endswith("_text_document") else prefix
+    tok = f"--tokenizer-type {args.tokenizer_type}"
+    tok += f" --vocab-file {args.vocab_file}" if args.vocab_file else ""
+    tok += f" --merge-file {args.merge_file}" if args.merge_file else ""
+    return (f"preprocess it there (python -m tokenization.preprocess --input JSONL_FILES --output-prefix {out} "
+            f"{tok} --append-eod; README 'Training on the Pile'), or train on other data by adding a data config "
+            f"after this one (data_path or train_data_paths; it replaces these data keys)")
+
+
 def check_paths(args: Args, need_data: bool = True) -> None:
     """Before anything starts: tokenizer files exist, the directories the run writes can be written and, for
     training (the dry run skips data), every data prefix is a whole .bin/.idx pair that `split` divides."""
     for key in ("vocab_file", "merge_file"):
         p = getattr(args, key)
         if p and not Path(p).exists():
-            raise ConfigError(f"{args.sources.get(key, 'config')}: {key}: file {p} not found; fix the path")
+            if not need_data and args.vocab_size is not None:  # a dry run plans from vocab_size
+                args.config_notes.append(f"{key}: {p} not found; the plan uses vocab_size {args.vocab_size} "
+                                         f"(a launch needs the file)")
+                continue
+            raise ConfigError(f"{args.sources.get(key, 'config')}: {key}: file {p} not found; put the tokenizer "
+                              f"file there (README 'Training on the Pile' for GPT-2's) or fix the path")
     for key, rule in ARG_RULES.items():
         if rule.writable and getattr(args, key):
             problem = writable_problem(getattr(args, key))
             if problem:
                 raise ConfigError(f"{args.sources.get(key, 'config')}: {key}: {problem}; give a directory this user "
                                   f"can write")
+    problem = ar_eval_file_problem(args)  # its bigram counts are made from the data: checked after it
     if not need_data:
+        if problem:
+            args.config_notes.append(f"{problem.split(';')[0]} (a launch needs it)")
         return
     prefixes = []
     if args.data_path:
@@ -956,13 +1034,13 @@ def check_paths(args: Args, need_data: bool = True) -> None:
     for key, prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not Path(prefix + ext).exists():
-                raise ConfigError(
-                    f"{args.sources.get(key, 'config')}: {key}: {prefix}{ext} not found; give the prefix of a "
-                    f".bin/.idx pair (see README 'Data')"
-                )
+                raise ConfigError(f"{args.sources.get(key, 'config')}: {key}: {prefix}{ext} not found; "
+                                  f"{missing_data_fix(args, prefix)}")
         check_indexed_dataset(prefix)  # whole and consistent, before any process starts
     if args.data_path:
         check_split(args)  # no used part of the split is empty
+    if problem:
+        raise ConfigError(f"{args.sources.get('ar_eval', 'config')}: {problem}")
 
 
 def pad_vocab(vocab_size: int, multiple: int, tp: int) -> int:

@@ -33,6 +33,32 @@ def test_key_set_in_two_files_names_both(tmp_path):
         merge_files([a, b])
 
 
+def test_a_later_file_replaces_the_data_and_tokenizer_groups_whole(tmp_path):
+    model = write(tmp_path, "model.yml", {**BASE, "train_data_paths": ["pile/train"], "valid_data_paths": ["pile/val"],
+                                          "tokenizer_type": "GPT2BPETokenizer", "vocab_file": "gpt2.json",
+                                          "merge_file": "gpt2.txt", "save": "ckpt/a", "load": "ckpt/a",
+                                          "ar_eval": {"enabled": True, "bigram_counts": "pile.npz"}})
+    data = write(tmp_path, "data.yml", {"data_path": "mine/text", "tokenizer_type": "HFTokenizer",
+                                        "vocab_file": "20B.json", "save": "ckpt/b"})
+    raw, source = merge_files([model, data])
+    assert raw["data_path"] == "mine/text" and "train_data_paths" not in raw and "valid_data_paths" not in raw
+    assert "ar_eval" not in raw  # bigram counts of the replaced data go with it
+    assert raw["vocab_file"] == "20B.json" and "merge_file" not in raw
+    assert raw["save"] == "ckpt/b" and raw["load"] == "ckpt/a"  # where the run writes: key by key
+    notes = " | ".join(source.notes)
+    assert "replaces the data keys of" in notes and "train_data_paths, valid_data_paths" in notes
+    assert "replaces the tokenizer keys" in notes and "save of" in notes
+    args = build_args(raw, source, world_size=1)
+    assert args.config_notes == source.notes and args.data_path == "mine/text"
+    # an override file replaces a group too; --set replaces one key only
+    raw, _ = merge_files([model], overrides=[write(tmp_path, "o.yml", {"data_path": "x"})],
+                         sets=["valid_data_paths=[v]"])
+    assert raw["data_path"] == "x" and raw["valid_data_paths"] == ["v"] and "train_data_paths" not in raw
+    # any other key in two files is still an error
+    with pytest.raises(ConfigError, match=r"'hidden_size' is set in both"):
+        merge_files([model, write(tmp_path, "d2.yml", {"data_path": "y", "hidden_size": 32})])
+
+
 def test_override_file_and_set_replace_keys(tmp_path):
     a = write(tmp_path, "a.yml", BASE)
     o = write(tmp_path, "o.yml", {"hidden_size": 128})
@@ -103,9 +129,16 @@ def test_missing_data_and_tokenizer_paths(tmp_path):
     args = build_args({**BASE, "data_path": str(tmp_path / "nope")}, world_size=1)
     with pytest.raises(ConfigError, match=r"data_path: .*nope\.bin not found"):
         check_paths(args)
-    args = build_args({**BASE, "vocab_file": str(tmp_path / "v.json")}, world_size=1)
+    no_size = {k: v for k, v in BASE.items() if k != "vocab_size"}
+    args = build_args({**no_size, "vocab_file": str(tmp_path / "v.json")}, world_size=1)
     with pytest.raises(ConfigError, match=r"vocab_file: file .*v\.json not found"):
         check_paths(args, need_data=False)
+    # a dry run with vocab_size plans without the file, and says so; a launch needs it
+    args = build_args({**BASE, "vocab_file": str(tmp_path / "v.json")}, world_size=1)
+    check_paths(args, need_data=False)
+    assert any("v.json not found; the plan uses vocab_size 100" in n for n in args.config_notes)
+    with pytest.raises(ConfigError, match=r"vocab_file: file .*v\.json not found"):
+        check_paths(build_args({**BASE, "vocab_file": str(tmp_path / "v.json")}, world_size=1))
     with pytest.raises(ConfigError, match="no training data"):
         check_paths(build_args(BASE, world_size=1))
 

@@ -74,7 +74,7 @@ def main(argv=None, after_save=()) -> int:
         if ns.dry_run:
             from neox_zoology.training import dryrun
 
-            for notice in plan.notices:
+            for notice in args.config_notes + plan.notices:
                 print(f"note: {notice}")
             return dryrun.main(args)
     except ConfigError as exc:

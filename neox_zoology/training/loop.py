@@ -27,7 +27,8 @@ def preflight(args, launch: bool):
     (tokenizer or None, the resume plan); raises ConfigError."""
     from neox_zoology.data import check_data_identity
 
-    tokenizer = load_tokenizer(args) if launch or args.vocab_file else None
+    has_file = bool(args.vocab_file) and os.path.exists(args.vocab_file)  # check_paths noted a missing one
+    tokenizer = load_tokenizer(args) if launch or has_file else None
     resolve_vocab(args, tokenizer)
     plan = checkpoint.resume_plan(args)
     if launch:
@@ -150,6 +151,7 @@ def startup_notices(args) -> list[str]:
     if args.checkpoint_activations and args.pipe_parallel_size >= 1 and args.checkpoint_num_layers > 1:
         out.append(f"pipeline engine: activation checkpointing per block (checkpoint_num_layers "
                    f"{args.checkpoint_num_layers} groups blocks only under the plain engine)")
+    out += args.config_notes
     if args.ignored_keys:
         out.append(f"accepted GPT-NeoX keys with no effect here: {', '.join(sorted(set(args.ignored_keys)))}")
     for hook in registry.hooks(args.layer_types, "notices"):
