@@ -219,8 +219,19 @@ def test_ar_eval_config_defaults_and_errors(tmp_path):
     assert args.ar_eval["enabled"] is False and args.ar_eval["threshold"] == 1250
     with pytest.raises(ConfigError, match=r"ar_eval.bigram_counts is not set but ar_eval.enabled is true; set it"):
         build_args({"ar_eval": {"enabled": True}}, world_size=1)
+    # a missing counts file: refused for a launch (check_paths), noted by a dry run, which plans without it
+    from neox_zoology.config import check_paths
+
+    missing = build_args({"vocab_size": 100, "ar_eval": {"enabled": True, "bigram_counts": str(tmp_path / "missing.npz")}},
+                         world_size=1)
+    check_paths(missing, need_data=False)
+    assert any("missing.npz not found (a launch needs it)" in n for n in missing.config_notes)
+    from test_bigrams import write_dataset
+
+    data = write_dataset(tmp_path / "d", [np.arange(i, i + 40) % 100 for i in range(200)])
     with pytest.raises(ConfigError, match=r"ar_eval.bigram_counts: file .*missing.npz not found; build it"):
-        build_args({"ar_eval": {"enabled": True, "bigram_counts": str(tmp_path / "missing.npz")}}, world_size=1)
+        check_paths(build_args({"vocab_size": 100, "seq_length": 32, "data_path": data, "split": "90,10,0", "ar_eval": {
+            "enabled": True, "bigram_counts": str(tmp_path / "missing.npz")}}, world_size=1))
     with pytest.raises(ConfigError, match=r"ar_eval.treshold: unknown key; did you mean threshold\?"):
         build_args({"ar_eval": {"treshold": 3}}, world_size=1)
     with pytest.raises(ConfigError, match=r"ar_eval.iters: 0; use a positive integer"):
