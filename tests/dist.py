@@ -136,3 +136,9 @@ def model_grads(rank, raw, tp: int, masked: bool = False):
     loss = lm_loss(out, (labels, mask))
     loss.backward()
     return float(loss), {n: gather_tp_grad(p) for n, p in model.named_parameters()}, type(out).__name__
+
+
+PAPER_RUN_KEYS_OFF = ["train_data_paths=null", "valid_data_paths=null", "test_data_paths=null", "merge_file=null",
+                      "ar_eval={enabled: false}", "save=null", "load=null", "tensorboard_dir=null"]
+"""`--set`s that take a paper config's Pile data, GPT-2 files, AR slice and output folders away, so a test can
+give it its own small data (each --set replaces one key)."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import neox_zoology
 from conftest import ROOT
-from dist import gather_tp_grad, init_tp, run_ranks
+from dist import PAPER_RUN_KEYS_OFF, gather_tp_grad, init_tp, run_ranks
 from properties import assert_causal
 from neox_zoology import registry
 from neox_zoology.config import ConfigError, build_args, load
@@ -680,7 +680,7 @@ def test_160m_hybrids_train_on_cpu_with_stats(sel, tiny_corpus, tmp_path):
             "train_micro_batch_size_per_gpu=2", "train_batch_size=4", "train_iters=2", "lr_decay_iters=2",
             "eval_iters=0", "split='90,10,0'", f"data_path={tiny_corpus['data_prefix']}", "tokenizer_type=SPMTokenizer",
             f"vocab_file={tiny_corpus['tokenizer']}", f"data_cache_path={tmp_path}"]
-    args = load([ROOT / f"configs/neox/baseconv_{sel}_160m.yml"], sets=sets, world_size=1)
+    args = load([ROOT / f"configs/neox/baseconv_{sel}_160m.yml"], sets=PAPER_RUN_KEYS_OFF + sets, world_size=1)
     assert args.gradient_accumulation_steps == 2 and args.pp == 1 and args.pipe_parallel_size == 1
     losses, stats = run_ranks(_train_config, 1, args)[0]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)

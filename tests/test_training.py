@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import ROOT, SHARED
-from dist import init_tp, model_grads, run_ranks
+from dist import PAPER_RUN_KEYS_OFF, init_tp, model_grads, run_ranks
 from neox_zoology.config import build_args, load
 
 
@@ -187,7 +187,7 @@ def test_paper_70m_configs_train_on_cpu_with_short_sequences(tiny_corpus, tmp_pa
             "train_batch_size=null", "train_iters=2", "lr_decay_iters=2", "log_interval=1", "eval_iters=0",
             "split='90,10,0'", f"data_path={tiny_corpus['data_prefix']}", "tokenizer_type=SPMTokenizer",
             f"vocab_file={tiny_corpus['tokenizer']}", f"data_cache_path={tmp_path}", "pipe_parallel_size=0"]
-    args = load([str(ROOT / f"configs/neox/{arch}_70m.yml")], sets=sets, world_size=1)
+    args = load([str(ROOT / f"configs/neox/{arch}_70m.yml")], sets=PAPER_RUN_KEYS_OFF + sets, world_size=1)
     s = run_ranks(_run_args, 1, args)[0]
     assert len(s["losses"]) == 2 and all(0 < l < 20 for l in losses(s))
 
