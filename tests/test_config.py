@@ -127,7 +127,8 @@ def test_train_batch_size_derives_accumulation():
 
 def test_missing_data_and_tokenizer_paths(tmp_path):
     args = build_args({**BASE, "data_path": str(tmp_path / "nope")}, world_size=1)
-    with pytest.raises(ConfigError, match=r"data_path: .*nope\.bin not found"):
+    with pytest.raises(ConfigError, match=r"data_path: .*nope\.bin not found; preprocess it there \(python -m "
+                       r"tokenization\.preprocess .*--output-prefix .*nope .*\), or train on other data"):
         check_paths(args)
     no_size = {k: v for k, v in BASE.items() if k != "vocab_size"}
     args = build_args({**no_size, "vocab_file": str(tmp_path / "v.json")}, world_size=1)
