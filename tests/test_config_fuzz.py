@@ -119,7 +119,7 @@ def deepspeed_accepts(args) -> None:
 
 
 def _valid_raw(tiny_raw):
-    return tiny_raw(attention_config=[[["baseconv", "hyena", "attention", "rwkv"], "all"]])
+    return tiny_raw(attention_config=[[["baseconv", "hyena", "attention", "rwkv4"], "all"]])
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -150,7 +150,7 @@ def test_chunked_lm_head_keeps_no_full_logits():
 
 @pytest.mark.parametrize("keys", [
     dict(attention_config=[[["attention", "baseconv"], "all"]], baseconv={"kernel_sizes": [3, -1]}),
-    dict(attention_config=[[["hyena", "h3", "long_conv", "rwkv"], "all"]]),
+    dict(attention_config=[[["hyena", "h3", "long_conv", "rwkv4"], "all"]]),
     dict(vocab_size=8000, train_micro_batch_size_per_gpu=16),
 ], ids=["attention_baseconv", "hyena_h3_long_conv_rwkv", "large_head"])
 def test_composed_stage_matches_the_whole_model_on_meta(keys):

@@ -243,6 +243,7 @@ register(
     MixerSpec(
         name="rwkv",
         module=RWKVTimeMix,
+        aliases=("rwkv4",),
         defaults={"wkv_chunk": 4, "projection_init": "kaiming_uniform"},
         tp_split="channels",
         flops=_flops,

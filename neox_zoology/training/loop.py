@@ -27,7 +27,11 @@ def preflight(args, launch: bool):
     (tokenizer or None, the resume plan); raises ConfigError."""
     from neox_zoology.data import check_data_identity
 
-    tokenizer = load_tokenizer(args) if launch or args.vocab_file else None
+    if launch:
+        from neox_zoology.config import check_launch
+
+        check_launch(args)
+    tokenizer = load_tokenizer(args) if launch or (args.vocab_file and os.path.exists(args.vocab_file)) else None
     resolve_vocab(args, tokenizer)
     plan = checkpoint.resume_plan(args)
     if launch:
