@@ -1162,11 +1162,10 @@ def writable_problem(path: str) -> str | None:
 
 def check_paths(args: Args, need_data: bool = True) -> None:
     """Before anything starts: tokenizer files exist, the directories the run writes can be written and, for
-    training (the dry run skips data), every data prefix is a whole .bin/.idx pair that `split` divides.
-    A dry run with `vocab_size` set plans without the tokenizer files (they are not read then)."""
+    training (the dry run skips data), every data prefix is a whole .bin/.idx pair that `split` divides."""
     for key in ("vocab_file", "merge_file"):
         p = getattr(args, key)
-        if p and not Path(p).exists() and not (not need_data and args.vocab_size is not None):
+        if p and not Path(p).exists():
             raise ConfigError(f"{args.sources.get(key, 'config')}: {key}: file {p} not found; fix the path")
     for key, rule in ARG_RULES.items():
         if rule.writable and getattr(args, key):
