@@ -91,10 +91,12 @@ class CausalSelfAttention(Mixer):
                 self.kv = ColumnLinear(h, 2 * kv * hd, **col)
                 self.local_kv_heads = kv // tp
             else:  # tp % kv == 0: every rank's query heads read one kv head
-                self.kv_weight = nn.Parameter(torch.empty(2 * kv * hd, h, dtype=config.params_dtype))
-                self.kv_bias = nn.Parameter(torch.zeros(2 * kv * hd, dtype=config.params_dtype)) if bias else None
+                # same parameter names (kv.weight, kv.bias) as the column-parallel form, full size on each rank
+                self.kv = nn.Module()
+                self.kv.weight = nn.Parameter(torch.empty(2 * kv * hd, h, dtype=config.params_dtype))
+                self.kv.bias = nn.Parameter(torch.zeros(2 * kv * hd, dtype=config.params_dtype)) if bias else None
                 if config.perform_initialization:
-                    config.init_method(self.kv_weight)
+                    config.init_method(self.kv.weight)
                 self.local_kv_heads = 1
                 self.kv_index = tp_rank() * self.local_heads // (heads // kv)
         self.out = RowLinear(
@@ -111,8 +113,8 @@ class CausalSelfAttention(Mixer):
         q = q.view(s, b, self.local_heads, self.head_dim).permute(1, 2, 0, 3)
         if self.replicated_kv:
             rows = slice(2 * self.head_dim * self.kv_index, 2 * self.head_dim * (self.kv_index + 1))
-            weight = copy_to_tp(self.kv_weight)[rows]  # all-reduce of the weight's gradient over TP ranks
-            bias = copy_to_tp(self.kv_bias)[rows] if self.kv_bias is not None else None
+            weight = copy_to_tp(self.kv.weight)[rows]  # all-reduce of the weight's gradient over TP ranks
+            bias = copy_to_tp(self.kv.bias)[rows] if self.kv.bias is not None else None
             kv = F.linear(copy_to_tp(x), weight, bias)
         else:
             kv, _ = self.kv(x)
