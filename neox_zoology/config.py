@@ -771,8 +771,6 @@ NEOX_REFUSED = {
 
 # Layer-type names of GPT-NeoX's attention_config that mean a different model than any type here.
 NEOX_LAYER_TYPES = {
-    "rwkv": "GPT-NeoX's rwkv is RWKV-v6, which is not implemented here; this stack's RWKV is RWKV-4: write rwkv4 "
-            "to train that one",
     "local": "GPT-NeoX's local is DeepSpeed's block-sparse local attention (sparsity_config), not implemented "
              "here; for a sliding window write sliding_window (or attention with sliding_window_width)",
     **{t: "DeepSpeed's block-sparse attention (sparsity_config) is not implemented here; use global or flash"
@@ -927,9 +925,9 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
         problems.append(str(exc))
     if types is not None:
         for name in sorted(set(types)):
-            if name in NEOX_LAYER_TYPES:
-                problems.append(f"{where('attention_config')}: attention_config: layer type '{name}': "
-                                f"{NEOX_LAYER_TYPES[name]}")
+            why = NEOX_LAYER_TYPES.get(name) or registry.config_refusal(name)
+            if why:
+                problems.append(f"{where('attention_config')}: attention_config: layer type '{name}': {why}")
                 continue
             try:
                 registry.canonical(name)
@@ -987,16 +985,14 @@ def _validate_attention_shape(args: Args, where) -> None:
             raise ConfigError(f"{where('num_kv_heads')}: num_kv_heads {kv}: layer type {t} has no grouped-query "
                               f"form; use attention layers (or remove num_kv_heads)")
     if args.sliding_window_width is not None:
-        for name in ("attention", "sliding_window"):
-            if name in args.mixer_sections and "window" in args.mixer_sections[name]:
-                raise ConfigError(f"{where('sliding_window_width')}: sliding_window_width and {name}.window are "
+        takers = [t for t in sorted(set(args.layer_types)) if "sliding_window_width" in registry.get(t).defaults]
+        for t in takers:
+            if "window" in args.mixer_sections.get(t, {}):
+                raise ConfigError(f"{where('sliding_window_width')}: sliding_window_width and {t}.window are "
                                   f"both set; keep one")
-        if not any(t in ("attention", "sliding_window") for t in args.layer_types):
-            raise ConfigError(f"{where('sliding_window_width')}: sliding_window_width: no attention layer to "
-                              f"apply it to; remove it")
-        # flash-attn's window_size (w, 0): the current position and the w before it
-        for name in ("attention", "sliding_window"):
-            args.mixer_sections.setdefault(name, {})["window"] = args.sliding_window_width + 1
+        if not takers:
+            raise ConfigError(f"{where('sliding_window_width')}: sliding_window_width: no layer type of this config "
+                              f"takes a window; remove it")
 
 
 def _validate_mlp(args: Args, where) -> None:

@@ -73,6 +73,21 @@ def register(spec: MixerSpec) -> MixerSpec:
     return spec
 
 
+_NOT_IN_CONFIGS: dict[str, str] = {}
+
+
+def not_in_configs(name: str, why: str) -> None:
+    """A registered name a config may not write in attention_config (it means another model in GPT-NeoX
+    configs); `why` says what to write instead. The type stays reachable by its aliases."""
+    _NOT_IN_CONFIGS[name] = why
+
+
+def config_refusal(name: str) -> str | None:
+    """Why a config may not name this layer type, or None."""
+    _load_builtin()
+    return _NOT_IN_CONFIGS.get(name)
+
+
 def _load_builtin() -> None:
     import neox_zoology.mixers  # noqa: F401  (registers the built-in mixers)
 

@@ -145,7 +145,7 @@ def test_mistral_with_neox_sizing_of_its_width_plans_mistral_7b():
     """Mistral-7B's 14336-wide projections in GPT-NeoX's terms: intermediate_size 3 x 14336 (plus the MLP biases
     the config leaves on)."""
     args = plan("mistral/7B.yml", ["intermediate_size=43008"])
-    assert args.mlp_width == 14336 and args.kv_heads == 8 and args.mixer_args("attention")["window"] == 4097
+    assert args.mlp_width == 14336 and args.kv_heads == 8 and args.mixer_args("attention")["sliding_window_width"] == 4096
     biases = args.num_layers * (2 * args.mlp_width + args.hidden_size)
     assert dryrun.summarize(args)["parameters"] == 7_241_732_096 + biases
 

@@ -117,7 +117,9 @@ def test_bias_switches_remove_exactly_their_biases(key, per_layer, final):
 
 def test_sliding_window_width_is_flash_attention_window():
     args = build_args({**BASE, "sliding_window_width": 4}, world_size=1)
-    assert args.mixer_args("attention")["window"] == 5  # the current position and the 4 before it
+    from neox_zoology.mixers.attention import effective_window
+
+    assert effective_window(args.mixer_args("attention")) == 5  # the current position and the 4 before it
     m = build_mixer("attention", hidden_size=32, seq_length=16, num_attention_heads=4, window=5)
     x = torch.randn(1, 16, 32, requires_grad=True)
     m(x)[0, 10].sum().backward()

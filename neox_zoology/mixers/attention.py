@@ -69,6 +69,7 @@ class CausalSelfAttention(Mixer):
         rotary_emb_base: float = 10000.0,
         window: int = 0,
         num_kv_heads: int | None = None,
+        sliding_window_width: int | None = None,
         **stack_kwargs,
     ):
         super().__init__(config, layer_number, **stack_kwargs)
@@ -77,7 +78,7 @@ class CausalSelfAttention(Mixer):
         tp = tp_size()
         self.head_dim = hd = h // heads
         self.local_heads = heads // tp
-        self.window = window
+        self.window = effective_window({"window": window, "sliding_window_width": sliding_window_width})
         self.dropout = config.attention_dropout
         self.num_kv_heads = kv
         bias = config.add_bias_linear
@@ -140,11 +141,18 @@ class CausalSelfAttention(Mixer):
         return y, None
 
 
+def effective_window(args) -> int:
+    """`window`, or GPT-NeoX's sliding_window_width w as flash-attn's window_size (w, 0): the current position
+    and the w before it."""
+    w = args.get("sliding_window_width")
+    return w + 1 if w else args["window"]
+
+
 def _flops(shape, args):
     d, heads = shape.hidden_size, shape.num_attention_heads
     kv_width = 2 * (args.get("num_kv_heads") or heads) * (d // heads)
     return (flops.linear(d, d + kv_width) + flops.linear(d, d)
-            + flops.attention_core(d, shape.seq_length, args["window"]))
+            + flops.attention_core(d, shape.seq_length, effective_window(args)))
 
 
 def _validate(shape, args, need_window=False):
@@ -154,6 +162,9 @@ def _validate(shape, args, need_window=False):
         errors.append(f"window: {w!r}; use a positive number of positions (e.g. 256)")
     if args["pos_emb"] not in ("rotary", "learned", "none"):
         errors.append(f"pos_emb: {args['pos_emb']!r}; use rotary, learned or none")
+    sw = args.get("sliding_window_width")
+    if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw <= 0):
+        errors.append(f"sliding_window_width: {sw!r}; use a positive number of positions (or null)")
     kv = args.get("num_kv_heads")
     if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0
                            or shape.num_attention_heads % kv):
@@ -170,8 +181,9 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
 
-_GLOBALS = ("pos_emb", "rotary_pct", "rotary_emb_base", "num_kv_heads")
-_DEFAULTS = {"pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": 10000.0, "num_kv_heads": None}
+_GLOBALS = ("pos_emb", "rotary_pct", "rotary_emb_base", "num_kv_heads", "sliding_window_width")
+_DEFAULTS = {"pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": 10000.0, "num_kv_heads": None,
+             "sliding_window_width": None}
 
 register(
     MixerSpec(
