@@ -223,8 +223,13 @@ def test_tokenizer_of_another_kind_is_one_line(tmp_path):
     merges.write_text("#version: 0.2\n")
     from neox_zoology.tokenizer import load_tokenizer
 
-    for tokenizer_type, files in (("HFTokenizer", {"vocab_file": str(vocab)}),):
+    hf = tmp_path / "tokenizer.json"
+    hf.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+                              "added_tokens": []}))
+    for tokenizer_type, files in (("HFTokenizer", {"vocab_file": str(vocab)}),
+                                  ("GPT2BPETokenizer", {"vocab_file": str(hf), "merge_file": str(merges)})):
         args = build_args({**BASE, "tokenizer_type": tokenizer_type, **files}, world_size=1)
         with pytest.raises(ConfigError) as err:
             load_tokenizer(args)
-        assert "\n" not in str(err.value) and "HFTokenizer" in str(err.value)
+        line = str(err.value)
+        assert "\n" not in line and tokenizer_type in line and files["vocab_file"] in line

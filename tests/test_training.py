@@ -58,7 +58,7 @@ def test_pp2_equals_pp1_and_plain_engine(tiny_raw):
         assert losses(s) == pytest.approx(pp1, abs=1e-5)
 
 
-ALL_TYPES = ["baseconv", "attention", "hyena", "h3", "rwkv", "long_conv", "sliding_window", "baseconv"]
+ALL_TYPES = ["baseconv", "attention", "hyena", "h3", "rwkv4", "long_conv", "sliding_window", "baseconv"]
 
 
 def test_pp2_equals_pp1_for_a_hybrid_of_every_layer_type(tiny_raw):
