@@ -88,6 +88,12 @@ def config_refusal(name: str) -> str | None:
     return _NOT_IN_CONFIGS.get(name)
 
 
+def config_name(name: str) -> str:
+    """The name a config writes for a layer type: its own, or its first alias when the name is refused there."""
+    spec = get(name)
+    return next(n for n in (spec.name, *spec.aliases) if n not in _NOT_IN_CONFIGS)
+
+
 def _load_builtin() -> None:
     import neox_zoology.mixers  # noqa: F401  (registers the built-in mixers)
 

@@ -122,8 +122,7 @@ def _every_key_and_bad_value():
 
 
 def tiny_config(name, **section):
-    # a type whose name means another model in GPT-NeoX configs is written by its alias
-    written = next(n for n in (name, *registry.get(name).aliases) if not registry.config_refusal(n))
+    written = registry.config_name(name)  # a name meaning another model in GPT-NeoX configs: its alias
     return {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 24, "vocab_size": 64,
             "attention_config": [[[written], "all"]], name: section}
 
