@@ -83,7 +83,7 @@ def stages(ns, out: Path, tmp: Path) -> list[dict]:
     pytest = [py, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_fast_paths.py"]
     from neox_zoology import registry
 
-    types = registry.names()  # every registered layer type, one layer each
+    types = [registry.config_name(t) for t in registry.names()]  # every registered layer type, one layer each
     every = ["--set", f"num_layers={len(types)}", "--set",
              "attention_config=" + json.dumps([[types, "all"]]), "--vocab", "1024"]
     tiny = ns.rehearsal

@@ -216,7 +216,9 @@ def override_sets(config: str, seq_len: int, ns, checkpoint: bool) -> list[str]:
     if raw.vocab_size is None:
         base.append(f"vocab_size={ns.vocab}")
     if ns.num_layers is not None:
-        types = resample_layer_types(list(raw.layer_types), ns.num_layers)
+        from neox_zoology import registry
+
+        types = [registry.config_name(t) for t in resample_layer_types(list(raw.layer_types), ns.num_layers)]
         base += [f"num_layers={ns.num_layers}", f"attention_config={json.dumps(_compress(types))}"]
     return base
 

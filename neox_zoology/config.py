@@ -354,11 +354,18 @@ FP16 = Section(
         "consecutive_hysteresis": Rule("bool"),
         "min_loss_scale": Rule("int", gt=0),
         "fp16": Rule("bool", hint="GPT-NeoX's own marker"),
-        "type": Rule("str", only="fp16", hint="GPT-NeoX's own marker"),
+        "type": Rule("str", choices=("fp16", "bfloat16"),
+                     hint="GPT-NeoX's own marker; bfloat16 with enabled: true means bf16"),
     },
     example="{enabled: true, loss_scale: 0, loss_scale_window: 1000, hysteresis: 2, min_loss_scale: 1}",
     refused={"fp16_master_weights_and_grads": "needs DeepSpeed's CPU Adam; this stack steps a torch AdamW"},
     not_forwarded=frozenset({"fp16", "type"}),
+)
+DATA_TYPES = Section(
+    "data_types",
+    {"grad_accum_dtype": Rule("str", choices=("fp32", "bf16", "fp16"),
+                              hint="the dtype DeepSpeed accumulates gradients in")},
+    example="{grad_accum_dtype: fp32}",
 )
 BF16 = Section(
     "bf16",
@@ -397,6 +404,8 @@ def _doc(text: str, default: Any = MISSING, factory: Any = MISSING, **rule):
 
 
 _INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init")
+GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "bilinear", "glu")
+ACTIVATIONS = ("gelu", "relu", "silu", "swish", "softsign", "mish", *GATED_ACTIVATIONS)
 
 
 @dataclass
@@ -411,11 +420,27 @@ class Args:
     norm: str = _doc("block norm: layernorm | rmsnorm", "layernorm", choices=("layernorm", "rmsnorm"))
     layernorm_epsilon: float = _doc("LayerNorm epsilon", 1e-5, gt=0)
     rms_norm_epsilon: float = _doc("RMSNorm epsilon", 1e-8, gt=0)
-    activation: str = _doc("MLP activation: gelu | swiglu", "gelu", choices=("gelu", "swiglu"))
-    intermediate_size: int | None = _doc("MLP width (default 4d for gelu, 8d/3 rounded to 64 for swiglu)", None,
-                                         gt=0)
-    mlp_bias: bool = _doc("biases in the MLP linear layers", True)
+    activation: str = _doc("MLP activation, GPT-NeoX's names; the gated ones (geglu, reglu, swiglu, bilinear, glu) "
+                           "multiply act(gate) by a second projection", "gelu", choices=ACTIVATIONS)
+    intermediate_size: int | None = _doc(
+        "GPT-NeoX's MLP size (default 4d); a gated activation takes GPT-NeoX's rule: each of its two projections "
+        "is int(intermediate_size * 2/3) // 2 wide, rounded up to mlp_multiple_of (llama-7B: 32768 -> 11008)",
+        None, gt=0)
+    mlp_multiple_of: int = _doc("round the MLP width up to a multiple of this (GPT-NeoX's rule)", 1, gt=0)
+    bias_gelu_fusion: bool = _doc("GELU as GPT-NeoX's fused bias-GELU kernel computes it: the tanh approximation",
+                                  False)
+    use_bias_in_mlp: bool = _doc("biases in the MLP linear layers (old name: mlp_bias)", True)
     use_bias_in_attn_linear: bool = _doc("biases in attention's QKV/output projections", True)
+    use_bias_in_norms: bool = _doc("a bias (shift) in every LayerNorm (RMSNorm has none)", True)
+    num_kv_heads: int | None = _doc(
+        "key/value heads of attention layers (grouped-query attention; 1 = multi-query; default "
+        "num_attention_heads); under TP they are split over ranks, or replicated when fewer than TP ranks", None,
+        gt=0)
+    attention_type: str | None = _doc("groupedquery (needs num_kv_heads) or multihead", None,
+                                      choices=("multihead", "groupedquery"))
+    sliding_window_width: int | None = _doc(
+        "attention layers see the current and the previous N positions (Mistral; flash-attn's window_size (N, 0))",
+        None, gt=0)
     pos_emb: str = _doc("position encoding: rotary | learned | none", "learned", choices=("rotary", "learned", "none"))
     rotary_pct: float = _doc("fraction of each head's channels that rotary rotates", 1.0, ge=0, le=1)
     rotary_emb_base: float = _doc("rotary base", 10000.0, gt=0)
@@ -457,6 +482,8 @@ class Args:
                       null=True)
     bf16: dict = _doc("{enabled: bool}: DeepSpeed bf16 (FFTs still run in fp32)", factory=BF16.normalized,
                       section=BF16, null=True)
+    data_types: dict | None = _doc("DeepSpeed's data_types section: {grad_accum_dtype: fp32 | bf16 | fp16}", None,
+                                   section=DATA_TYPES)
     precision: str | None = _doc("NeoX shorthand: fp32 | fp16 | bfloat16", None, choices=("fp32", "fp16", "bfloat16"),
                                  hint="GPT-NeoX spells bf16 bfloat16")
     seed: int = _doc("random seed", 1234, ge=0, le=2**32 - 1, hint="numpy's seed range; it orders the data")
@@ -483,6 +510,14 @@ class Args:
     # ---- checkpoints, evaluation, logging ----
     save: str | None = _doc("checkpoint directory", None, writable=True, parse=_nonempty)
     load: str | None = _doc("checkpoint directory to resume from (latest tag)", None)
+    no_load_optim: bool = _doc("resume without the optimizer state of `load` (fresh Adam moments)", False)
+    no_load_rng: bool = _doc("resume without the random-number state of `load`", False)
+    override_lr_scheduler: bool = _doc(
+        "resume with the LR schedule of this config (lr, warmup, decay) at the loaded iteration instead of the "
+        "checkpoint's schedule state", False)
+    use_checkpoint_lr_scheduler: bool = _doc("take the LR schedule from the checkpoint (this stack's default)", False)
+    fp32_allreduce: bool = _doc("all-reduce gradients (data parallel) and tensor-parallel partial sums in fp32 "
+                                "under bf16/fp16", False)
     finetune: bool = _doc(
         "load only the model weights from `load` and start at iteration 0 with a fresh optimizer and schedule "
         "(GPT-NeoX's meaning); changes that keep every parameter's shape are allowed and listed", False)
@@ -547,15 +582,35 @@ class Args:
 
     @property
     def gated_mlp(self) -> bool:
-        return self.activation == "swiglu"
+        return self.activation in GATED_ACTIVATIONS
 
     @property
     def ffn_hidden_size(self) -> int:
-        if self.intermediate_size is not None:
-            return int(self.intermediate_size)
+        """GPT-NeoX's MLP size before its gated-activation rule: intermediate_size, default 4d (also the width
+        a layer type's own MLP takes, e.g. RWKV's channel mix)."""
+        return int(self.intermediate_size) if self.intermediate_size is not None else 4 * self.hidden_size
+
+    @property
+    def mlp_widths(self) -> tuple[int, int]:
+        """(first projection's output, second projection's input) as GPT-NeoX sizes its MLP: a gated activation
+        takes int(size * 2/3) for both halves of the first projection together and half of it for the
+        second's input; then the first is rounded up to 2 x mlp_multiple_of, the second to mlp_multiple_of.
+        A model is consistent when the first is twice (gated) or equal to (plain) the second."""
+        ffn, m = self.ffn_hidden_size, self.mlp_multiple_of
+        ffn_in = ffn
         if self.gated_mlp:
-            return int(math.ceil(8 * self.hidden_size / 3 / 64) * 64)
-        return 4 * self.hidden_size
+            ffn = int(ffn * 2 / 3)
+            ffn_in = ffn // 2
+        return 2 * m * (-(-ffn // (2 * m))), m * (-(-ffn_in // m))
+
+    @property
+    def mlp_width(self) -> int:
+        """Width of the block MLP's hidden layer (each projection's, when gated)."""
+        return self.mlp_widths[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
 
     @property
     def dtype_name(self) -> str:
@@ -642,8 +697,9 @@ ARG_RULES = {name: _field_rule(f) for name, f in ARG_FIELDS.items()}
 # GPT-NeoX keys accepted for compatibility that change nothing in this stack (kernel-fusion switches,
 # launcher/logging settings handled elsewhere, features of other model families). Logged once.
 NEOX_NO_EFFECT = {
-    "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion", "bias_gelu_fusion",
-    "bias_dropout_fusion", "rope_fusion", "layernorm_fusion", "use_bnb_optimizer", "fp32_allreduce",
+    "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion",
+    "bias_dropout_fusion", "rope_fusion", "layernorm_fusion", "rmsnorm_fusion", "use_flashattn_swiglu",
+    "use_bnb_optimizer",
     "partition_activations", "synchronize_each_layer", "contiguous_checkpointing",
     "checkpoint_in_cpu", "wall_clock_breakdown",
     "distributed_backend", "hostfile", "include", "exclude", "num_gpus", "num_nodes", "master_port",
@@ -652,17 +708,21 @@ NEOX_NO_EFFECT = {
     "wandb_group", "wandb_team", "wandb_host", "wandb_init_all_ranks", "git_hash", "log_grad_norm",
     "log_grad_pct_zeros", "log_param_norm", "log_optimizer_states", "log_gradient_noise_scale",
     "gradient_noise_scale_n_batches", "gradient_noise_scale_cpu_offload", "dump_state",
-    "memory_profiling", "profile", "profile_step_start", "profile_step_stop", "use_checkpoint_lr_scheduler",
-    "override_lr_scheduler", "short_seq_prob", "eval_tasks", "sparsity_config", "opt_pos_emb_offset",
+    "memory_profiling", "memory_profiling_path", "profile", "profile_step_start", "profile_step_stop",
+    "short_seq_prob", "eval_tasks", "sparsity_config", "opt_pos_emb_offset",
     "apply_query_key_layer_scaling", "attention_softmax_in_fp32", "rpe_num_buckets", "rpe_max_distance",
     "gmlp_attn_dim", "adlr_autoresume", "adlr_autoresume_interval", "onnx_safe", "comment",
-    "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng", "zero_stage",
+    "no_save_optim", "no_save_rng", "zero_stage",
     "zero_reduce_scatter", "zero_contiguous_gradients", "zero_reduce_bucket_size",
     "zero_allgather_bucket_size", "amp", "autotuning", "flops_profiler", "comms_logger",
-    "sequence_parallel", "num_kv_heads", "curriculum_learning", "loss_scale", "loss_scale_window",
+    "sequence_parallel", "curriculum_learning", "loss_scale", "loss_scale_window",
     "hysteresis", "min_loss_scale", "initial_loss_scale", "prescale_gradients", "gradient_predivide_factor",
     "tensorboard", "wandb", "csv_monitor", "elasticity", "data_efficiency", "weight_by_num_documents",
-    "weighted_sampler_alpha",
+    "weighted_sampler_alpha", "global_num_gpus", "use_comet", "comet_workspace", "comet_project",
+    "comet_experiment_name", "comet_tags", "comet_others", "wandb_run_name", "log_gradient_noise_scale",
+    # text generation (GPT-NeoX's generate.py), not training
+    "text_gen_type", "maximum_tokens", "prompt_end", "temperature", "top_p", "top_k", "recompute",
+    "sample_input_file", "sample_output_file", "num_samples",
 }
 
 
@@ -686,6 +746,49 @@ NEOX_NO_EFFECT_ONLY_AT_DEFAULT = {
     "amp": (_off, "apex AMP is not implemented here (use bf16)"),
     "elasticity": (_off, "DeepSpeed's elastic batch sizing is not implemented here"),
     "autotuning": (_off, "DeepSpeed's autotuning is not implemented here"),
+    "use_bnb_optimizer": (lambda v: v in (None, False),
+                          "bitsandbytes' 8-bit Adam is not implemented here (its states are quantised, so the "
+                          "steps differ from 32-bit Adam); set it to false"),
+    "sparsity_config": (lambda v: not v,
+                        "DeepSpeed's block-sparse attention (triton, CUDA only) is not implemented here; remove "
+                        "it (for a sliding window use sliding_window_width)"),
+}
+
+# GPT-NeoX keys of features this stack does not build, with the reason and what to do (one refusal per key).
+_DS_LOGGING = frozenset({"comms_logger", "flops_profiler", "wall_clock_breakdown", "tensorboard", "wandb",
+                         "csv_monitor", "steps_per_print", "dump_state"})
+_MOE = "mixture-of-experts layers are not implemented here; remove the moe_* keys for a dense model"
+_TE = "Transformer Engine layers are not implemented here; remove the te_* keys (the plain layers compute the same)"
+_MAMBA = "GPT-NeoX's Mamba layers are not implemented here; remove the mamba_* keys"
+NEOX_REFUSED = {
+    **{k: _MOE for k in ("moe_num_experts", "moe_type", "moe_top_k", "moe_router_type", "moe_lbl_in_fp32",
+                         "moe_jitter_eps", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_min_capacity",
+                         "moe_token_dropping", "moe_train_capacity_factor", "moe_eval_capacity_factor",
+                         "enable_expert_tensor_parallelism", "moe_expert_parallel_size", "moe_use_residual",
+                         "moe_glu", "moe_ffn_hidden_size")},
+    **{k: _TE for k in ("te_columnparallel", "te_rowparallel", "te_layernorm_mlp", "te_mha", "te_fp8_format",
+                        "te_fp8_wgrad", "te_fp8_amax_history_len", "te_fp8_amax_compute_algo", "te_fp8_margin",
+                        "te_fp8_mha", "te_fp8_use_cached_weights")},
+    **{k: _MAMBA for k in ("mamba_selective_scan_fusion", "mamba_causal_conv_fusion", "mamba_inner_func_fusion",
+                           "mamba_selective_fp32_params", "mamba_use_bias_in_conv", "mamba_use_bias_in_linears")},
+    "expansion_factor": "GPT-NeoX's expansion_factor is not implemented here; give intermediate_size instead",
+    "use_qk_layernorm": "query/key LayerNorm is not implemented here; remove it (or set false)",
+    "deepspeed_extra_args": "extra DeepSpeed settings are not passed on here (only its logging sections are "
+                            "accepted: " + ", ".join(sorted(_DS_LOGGING)) + "); move each into its own key, or "
+                            "remove them",
+    "soft_prompt_tuning": "soft-prompt tuning is not implemented here; remove it",
+    "scalenorm_epsilon": "ScaleNorm is not implemented here; remove it",
+    "output_layer_init_method_std": "remove it; init_method_std applies to every layer",
+}
+
+# Layer-type names of GPT-NeoX's attention_config that mean a different model than any type here.
+NEOX_LAYER_TYPES = {
+    "local": "GPT-NeoX's local is DeepSpeed's block-sparse local attention (sparsity_config), not implemented "
+             "here; for a sliding window write sliding_window (or attention with sliding_window_width)",
+    **{t: "DeepSpeed's block-sparse attention (sparsity_config) is not implemented here; use global or flash"
+       for t in ("sparse_fixed", "sparse_variable", "bigbird", "bslongformer")},
+    "mamba": "GPT-NeoX's Mamba layers are not implemented here",
+    "gmlp": "gMLP blocks are not implemented here", "amlp": "aMLP blocks are not implemented here",
 }
 
 # NeoX values that mean the same as ours.
@@ -809,42 +912,87 @@ def expand_attention_config(spec, num_layers: int, where: str = "attention_confi
 
 
 def _suggest(key: str, candidates) -> str:
-    close = difflib.get_close_matches(key, sorted(candidates), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(close)}?" if close else "; see README 'Configuration values' for the valid keys"
+    close = difflib.get_close_matches(key, sorted(candidates), n=3, cutoff=0.8)
+    return f"; did you mean {', '.join(close)}?" if close else f"; see {KEYS_DOC} for the keys this stack accepts"
+
+
+KEYS_DOC = "docs/config-keys.md"
+"""Where every accepted, ignored and refused key is listed (errors point here)."""
+
+
+def _neox_inert(key: str, value, raw: dict) -> bool:
+    """A refused GPT-NeoX feature key whose value switches the feature off (so it changes nothing)."""
+    if key.startswith("moe_") or key == "enable_expert_tensor_parallelism":
+        return raw.get("moe_num_experts") in (None, 1) and (key != "moe_num_experts" or value in (None, 1))
+    if key == "deepspeed_extra_args" and isinstance(value, dict):
+        return set(map(normalize_key, value)) <= _DS_LOGGING
+    return value is None or value is False or value == {} or value == []
 
 
 def build_args(raw: dict, source: dict | None = None, world_size: int | None = None) -> Args:
-    """Typed, validated Args from merged raw keys (no I/O besides tokenizer/data existence checks)."""
+    """Typed, validated Args from merged raw keys (no I/O besides tokenizer/data existence checks).
+
+    Every key is checked before anything is raised: one ConfigError lists all problems of the keys, one per
+    line; relations between keys are checked only once every key is valid."""
     source = source or {}
     where = lambda k: source.get(k, "config")  # noqa: E731
     args = Args()
     registered = set(registry.names(include_aliases=True))
+    problems: list[str] = []
+    raw = dict(raw)
+    if "mlp_bias" in raw:  # this stack's older name of use_bias_in_mlp
+        if "use_bias_in_mlp" in raw and raw["use_bias_in_mlp"] != raw["mlp_bias"]:
+            problems.append(f"{where('mlp_bias')}: mlp_bias and use_bias_in_mlp disagree; keep use_bias_in_mlp")
+        raw.setdefault("use_bias_in_mlp", raw["mlp_bias"])
+        source.setdefault("use_bias_in_mlp", source.get("mlp_bias", "config"))
+        del raw["mlp_bias"]
     for key, value in raw.items():
-        if key in ARG_RULES:
-            setattr(args, key, ARG_RULES[key].check(value, key, where(key)))
-        elif key in registered:
-            canon = registry.canonical(key)
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where(key)}: {key}: expected a mapping of {canon} arguments, got {value!r}")
+        try:
+            if key in ARG_RULES:
+                setattr(args, key, ARG_RULES[key].check(value, key, where(key)))
+            elif key in registered:
+                canon = registry.canonical(key)
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where(key)}: {key}: expected a mapping of {canon} arguments, got {value!r}")
+                try:
+                    registry.resolve_args(canon, value)
+                except KeyError as exc:
+                    raise ConfigError(f"{where(key)}: {key}: {exc.args[0]}") from None
+                args.mixer_sections[canon] = {normalize_key(k): v for k, v in value.items()}
+            elif key in NEOX_REFUSED:
+                if not _neox_inert(key, value, raw):
+                    raise ConfigError(f"{where(key)}: {key}: {_show(value)}; {NEOX_REFUSED[key]}")
+                args.ignored_keys.append(key)
+            elif key in NEOX_NO_EFFECT:
+                no_effect, why = NEOX_NO_EFFECT_ONLY_AT_DEFAULT.get(key, (None, ""))
+                if no_effect is not None and not no_effect(value):
+                    raise ConfigError(f"{where(key)}: {key}: {_show(value)}; {why} (this GPT-NeoX key is accepted "
+                                      f"only at its default)")
+                args.ignored_keys.append(key)
+            else:
+                known = set(ARG_FIELDS) | registered | NEOX_NO_EFFECT | set(NEOX_REFUSED)
+                raise ConfigError(f"{where(key)}: unknown key '{key}'{_suggest(key, known)}")
+        except ConfigError as exc:
+            problems.append(str(exc))
+    types = None
+    try:
+        types = expand_attention_config(args.attention_config, args.num_layers,
+                                        f"{where('attention_config')}: attention_config")
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if types is not None:
+        for name in sorted(set(types)):
+            why = NEOX_LAYER_TYPES.get(name) or registry.config_refusal(name)
+            if why:
+                problems.append(f"{where('attention_config')}: attention_config: layer type '{name}': {why}")
+                continue
             try:
-                registry.resolve_args(canon, value)
+                registry.canonical(name)
             except KeyError as exc:
-                raise ConfigError(f"{where(key)}: {key}: {exc.args[0]}") from None
-            args.mixer_sections[canon] = {normalize_key(k): v for k, v in value.items()}
-        elif key in NEOX_NO_EFFECT:
-            no_effect, why = NEOX_NO_EFFECT_ONLY_AT_DEFAULT.get(key, (None, ""))
-            if no_effect is not None and not no_effect(value):
-                raise ConfigError(f"{where(key)}: {key}: {_show(value)}; {why} (this GPT-NeoX key is accepted only "
-                                  f"at its default)")
-            args.ignored_keys.append(key)
-        else:
-            raise ConfigError(
-                f"{where(key)}: unknown key '{key}'{_suggest(key, set(ARG_FIELDS) | registered | NEOX_NO_EFFECT)}"
-            )
-    kv_heads = raw.get("num_kv_heads")
-    if kv_heads is not None and kv_heads != args.num_attention_heads:
-        raise ConfigError(f"{where('num_kv_heads')}: num_kv_heads: {_show(kv_heads)}; grouped-query attention is not "
-                          f"implemented (remove the key or set it to num_attention_heads {args.num_attention_heads})")
+                problems.append(f"{where('attention_config')}: attention_config: {exc.args[0]}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    args.layer_types = [registry.canonical(t) for t in types]
     args.sources = dict(source)
     args.config_notes = list(getattr(source, "notes", []))
     args.world_size = int(world_size or os.environ.get("WORLD_SIZE", 1))
@@ -854,13 +1002,70 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
         args.max_position_embeddings = args.seq_length
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    try:
-        types = expand_attention_config(args.attention_config, args.num_layers, f"{where('attention_config')}: attention_config")
-        args.layer_types = [registry.canonical(t) for t in types]
-    except KeyError as exc:
-        raise ConfigError(f"{where('attention_config')}: attention_config: {exc.args[0]}") from None
+    _neox_precision(args, where)
     _validate(args, where)
     return args
+
+
+def _neox_precision(args: Args, where) -> None:
+    """GPT-NeoX's `fp16: {type: bfloat16, enabled: true}` (Pythia 1B) means bf16."""
+    if args.fp16.get("type") == "bfloat16":
+        enabled = args.fp16["enabled"]
+        args.fp16 = FP16.normalized({"enabled": False})
+        if enabled:
+            args.bf16 = {**args.bf16, "enabled": True}
+
+
+def _validate_attention_shape(args: Args, where) -> None:
+    """Grouped-query attention and the sliding window: the keys agree and the layer types take them."""
+    heads, kv, tp = args.num_attention_heads, args.kv_heads, args.tp
+    if args.attention_type == "groupedquery" and args.num_kv_heads in (None, heads):
+        raise ConfigError(f"{where('attention_type')}: attention_type: groupedquery needs num_kv_heads below "
+                          f"num_attention_heads {heads}; set num_kv_heads (or remove attention_type)")
+    if args.attention_type == "multihead" and kv != heads:
+        raise ConfigError(f"{where('attention_type')}: attention_type: multihead contradicts num_kv_heads {kv}; "
+                          f"remove one of them")
+    grouped = kv != heads
+    if grouped:
+        if heads % kv:
+            raise ConfigError(f"{where('num_kv_heads')}: num_kv_heads {kv} does not divide num_attention_heads "
+                              f"{heads}; give a divisor of it")
+        if kv % tp and tp % kv:
+            raise ConfigError(f"{where('num_kv_heads')}: num_kv_heads {kv} and model_parallel_size {tp}: the kv "
+                              f"heads split over TP ranks (kv a multiple of TP) or are replicated (TP a multiple "
+                              f"of kv); change one of them")
+    for t in sorted(set(args.layer_types)):
+        spec = registry.get(t)
+        if spec.tp_split != "heads":
+            continue
+        takes = "num_kv_heads" in spec.defaults
+        if grouped and not takes:
+            raise ConfigError(f"{where('num_kv_heads')}: num_kv_heads {kv}: layer type {t} has no grouped-query "
+                              f"form; use attention layers (or remove num_kv_heads)")
+    if args.sliding_window_width is not None:
+        takers = [t for t in sorted(set(args.layer_types)) if "sliding_window_width" in registry.get(t).defaults]
+        for t in takers:
+            if "window" in args.mixer_sections.get(t, {}):
+                raise ConfigError(f"{where('sliding_window_width')}: sliding_window_width and {t}.window are "
+                                  f"both set; keep one")
+        if not takers:
+            raise ConfigError(f"{where('sliding_window_width')}: sliding_window_width: no layer type of this config "
+                              f"takes a window; remove it")
+
+
+def _validate_mlp(args: Args, where) -> None:
+    """GPT-NeoX's MLP sizes must fit together (its rounding can make them disagree, which fails there)."""
+    if any(registry.get(t).mlp is None for t in args.layer_types):
+        first, second = args.mlp_widths
+        if first != (2 if args.gated_mlp else 1) * second:
+            key = "intermediate_size" if args.intermediate_size is not None else "mlp_multiple_of"
+            raise ConfigError(
+                f"{where(key)}: intermediate_size {args.ffn_hidden_size} with activation {args.activation} and "
+                f"mlp_multiple_of {args.mlp_multiple_of}: GPT-NeoX's MLP rule gives a first projection of {first} "
+                f"and a second of {second} inputs, which do not fit (GPT-NeoX fails on it); "
+                + (f"set intermediate_size to 3 x each projection's width (e.g. {3 * args.ffn_hidden_size} for "
+                   f"{args.ffn_hidden_size}-wide projections)" if args.gated_mlp else
+                   f"set intermediate_size to a multiple of {2 * args.mlp_multiple_of}"))
 
 
 _DATA_LISTS = (("train_data_paths", "train_data_weights"), ("valid_data_paths", "valid_data_weights"),
@@ -920,8 +1125,16 @@ def _validate(args: Args, where) -> None:
         raise ConfigError(
             f"{where('model_parallel_size')}: num_attention_heads {heads} is not divisible by model_parallel_size {tp}"
         )
-    if args.ffn_hidden_size % tp:
-        raise ConfigError(f"{where('intermediate_size')}: MLP width {args.ffn_hidden_size} is not divisible by model_parallel_size {tp}")
+    if args.override_lr_scheduler and args.use_checkpoint_lr_scheduler:
+        raise ConfigError(f"{where('override_lr_scheduler')}: override_lr_scheduler and use_checkpoint_lr_scheduler "
+                          f"are both true; keep one (GPT-NeoX refuses the pair too)")
+    _validate_attention_shape(args, where)
+    _validate_mlp(args, where)
+    for t in sorted(set(args.layer_types)):
+        width = args.mlp_width if registry.get(t).mlp is None else args.ffn_hidden_size
+        if width % tp:
+            raise ConfigError(f"{where('intermediate_size')}: MLP width {width} is not divisible by "
+                              f"model_parallel_size {tp}")
     if args.pp > args.num_layers:
         raise ConfigError(f"{where('pipe_parallel_size')}: {args.pp} pipeline stages for {args.num_layers} layers")
     if args.world_size % (tp * args.pp):
@@ -953,10 +1166,14 @@ def _validate(args: Args, where) -> None:
             raise ConfigError(f"{where(t)}: {problems[0]}")
         for occ in range(args.layer_types.count(t)):
             spec.per_layer(args.mixer_args(t), occ)  # the per-layer arguments of valid sections build
+
+
+def check_launch(args: Args) -> None:
+    """What only a real run needs (a dry run plans on the meta device): fp16 needs CUDA."""
     if args.dtype_name == "fp16" and not _cuda_available():
         raise ConfigError(
-            f"{where('fp16' if 'fp16' in args.sources else 'precision')}: fp16 needs CUDA (DeepSpeed has no fp16 on CPU); "
-            f"use --set fp16='{{enabled: false}}' or bf16 on this machine"
+            f"{args.sources.get('fp16', args.sources.get('precision', 'config'))}: fp16 needs CUDA (DeepSpeed has no "
+            f"fp16 on CPU); run with --override configs/neox/neox_cpu_override.yml (fp32) or set bf16 on this machine"
         )
 
 
@@ -964,6 +1181,16 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads")
+
+
+def check_model_keys(raw: dict, paths) -> None:
+    """GPT-NeoX refuses a run without the model's shape; so does this stack (instead of a default model)."""
+    if not any(k in raw for k in MODEL_KEYS):
+        raise ConfigError(f"{', '.join(map(str, paths))}: no model keys ({', '.join(MODEL_KEYS)}); add a model config "
+                          f"file before this one, e.g. train.py configs/neox/baseconv_360m.yml {paths[-1]}")
 
 
 def writable_problem(path: str) -> str | None:

@@ -53,6 +53,6 @@ def model_forward_per_token(args) -> float:
         if spec.mlp is not None:  # a mixer-specific MLP (RWKV's channel mix) states its own cost
             total += spec.mlp.flops(args.hidden_size, args.ffn_hidden_size)
         else:
-            total += mlp(args.hidden_size, args.ffn_hidden_size, args.gated_mlp)
+            total += mlp(args.hidden_size, args.mlp_width, args.gated_mlp)
     total += linear(args.hidden_size, args.padded_vocab_size)  # LM head
     return total

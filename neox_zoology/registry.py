@@ -73,6 +73,27 @@ def register(spec: MixerSpec) -> MixerSpec:
     return spec
 
 
+_NOT_IN_CONFIGS: dict[str, str] = {}
+
+
+def not_in_configs(name: str, why: str) -> None:
+    """A registered name a config may not write in attention_config (it means another model in GPT-NeoX
+    configs); `why` says what to write instead. The type stays reachable by its aliases."""
+    _NOT_IN_CONFIGS[name] = why
+
+
+def config_refusal(name: str) -> str | None:
+    """Why a config may not name this layer type, or None."""
+    _load_builtin()
+    return _NOT_IN_CONFIGS.get(name)
+
+
+def config_name(name: str) -> str:
+    """The name a config writes for a layer type: its own, or its first alias when the name is refused there."""
+    spec = get(name)
+    return next(n for n in (spec.name, *spec.aliases) if n not in _NOT_IN_CONFIGS)
+
+
 def _load_builtin() -> None:
     import neox_zoology.mixers  # noqa: F401  (registers the built-in mixers)
 

@@ -38,6 +38,7 @@ def tiny_raw(tiny_corpus, tmp_path):
             "attention_config": [[["baseconv", "attention"], "all"]],
             "norm": "rmsnorm",
             "activation": "swiglu",
+            "intermediate_size": 384,  # GPT-NeoX's size for 128-wide gated projections (3 x 128)
             "pos_emb": "rotary",
             "optimizer": {"type": "Adam", "params": {"lr": 1.0e-2, "betas": [0.9, 0.95]}},
             "weight_decay": 0.1,

@@ -153,7 +153,8 @@ FAULTS = [
     ("data-cache-under-file", {"data_cache_path": "{file}/a/b"}, "data_cache_path: {file} is a file, so"),
     ("save-empty", {"save": " "}, "save: ' '; give a directory (or null for none)"),
     # ---- GPT-NeoX keys accepted only where they change nothing
-    ("neox-gqa", {"num_kv_heads": 2}, "num_kv_heads: 2; grouped-query attention is not implemented"),
+    ("neox-gqa", {"num_kv_heads": 3}, "num_kv_heads 3 does not divide num_attention_heads"),
+    ("neox-bnb", {"use_bnb_optimizer": True}, "use_bnb_optimizer: true; bitsandbytes' 8-bit Adam is not implemented"),
     ("neox-doc-weights", {"weight_by_num_documents": True},
      "weight_by_num_documents: true; weighting datasets by document count is not implemented"),
     ("neox-amp", {"amp": {"enabled": True}}, "amp: {'enabled': True}; apex AMP is not implemented here (use bf16)"),
@@ -230,9 +231,9 @@ def test_defaults_a_neox_config_may_leave_out_are_gpt_neoxs():
     assert (args.weight_decay, args.lr_decay_style, args.warmup, args.min_lr, args.seed, args.split) == (
         0.1, "linear", 0.01, 0.0, 1234, "969, 30, 1")
     assert (args.hidden_dropout, args.attention_dropout, args.gradient_clipping) == (0.0, 0.0, 1.0)
-    accepted = build_args({**BASE, "amp": {"enabled": False}, "num_kv_heads": 4, "weight_by_num_documents": False,
+    accepted = build_args({**BASE, "amp": {"enabled": False}, "use_bnb_optimizer": False, "weight_by_num_documents": False,
                            "gradient_predivide_factor": 1.0}, world_size=1)
-    assert sorted(accepted.ignored_keys) == ["amp", "gradient_predivide_factor", "num_kv_heads",
+    assert sorted(accepted.ignored_keys) == ["amp", "gradient_predivide_factor", "use_bnb_optimizer",
                                              "weight_by_num_documents"]
 
 

@@ -18,6 +18,7 @@ from neox_zoology.tokenizer import resolve_vocab
 TINY = {
     "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64, "vocab_size": 1000,
     "attention_config": [[["attention"], "all"]], "norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary",
+    "intermediate_size": 576,  # GPT-NeoX's size for 192-wide gated projections (8d/3 rounded to 64)
     "train_micro_batch_size_per_gpu": 2,
 }
 
@@ -68,7 +69,7 @@ def test_zero_0_paths_follow_deepspeed():
 
 
 def test_tensor_parallelism_splits_parallel_layers_and_replicates_the_rest():
-    keys = dict(norm="layernorm", activation="gelu", pos_emb="none")
+    keys = dict(norm="layernorm", activation="gelu", pos_emb="none", intermediate_size=256)
     one, two = plan(**keys), plan(world=2, model_parallel_size=2, **keys)
     d, ffn, layers = 64, 256, 4
     per_layer_split = (3 * d * d + 3 * d) + d * d + (d * ffn + ffn) + ffn * d  # column/row weights, column biases
@@ -150,7 +151,7 @@ def test_chunked_lm_head_keeps_no_full_logits():
 
 @pytest.mark.parametrize("keys", [
     dict(attention_config=[[["attention", "baseconv"], "all"]], baseconv={"kernel_sizes": [3, -1]}),
-    dict(attention_config=[[["hyena", "h3", "long_conv", "rwkv"], "all"]]),
+    dict(attention_config=[[["hyena", "h3", "long_conv", "rwkv4"], "all"]]),
     dict(vocab_size=8000, train_micro_batch_size_per_gpu=16),
 ], ids=["attention_baseconv", "hyena_h3_long_conv_rwkv", "large_head"])
 def test_composed_stage_matches_the_whole_model_on_meta(keys):

@@ -279,7 +279,7 @@ def rwkv_block_args():
     from neox_zoology.config import build_args
 
     return build_args({"num_layers": 2, "hidden_size": D, "num_attention_heads": 4, "seq_length": 16,
-                       "attention_config": [[["rwkv"], 2]], "vocab_size": 64}, world_size=1)
+                       "attention_config": [[["rwkv4"], 2]], "vocab_size": 64}, world_size=1)
 
 
 def _block_run(rank, tp):
@@ -453,7 +453,7 @@ def test_model_flops_and_validation_through_config():
     from neox_zoology.config import build_args
 
     args = build_args({"num_layers": 4, "hidden_size": D, "num_attention_heads": 4, "seq_length": 64,
-                       "attention_config": [[["hyena", "h3", "rwkv", "long_conv"], 4]], "vocab_size": 64,
+                       "attention_config": [[["hyena", "h3", "rwkv4", "long_conv"], 4]], "vocab_size": 64,
                        "h3": {"head_dim": 2}}, world_size=1)
     shape = args.shape()
     for name in ("hyena", "h3", "rwkv", "long_conv"):

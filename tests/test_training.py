@@ -58,7 +58,7 @@ def test_pp2_equals_pp1_and_plain_engine(tiny_raw):
         assert losses(s) == pytest.approx(pp1, abs=1e-5)
 
 
-ALL_TYPES = ["baseconv", "attention", "hyena", "h3", "rwkv", "long_conv", "sliding_window", "baseconv"]
+ALL_TYPES = ["baseconv", "attention", "hyena", "h3", "rwkv4", "long_conv", "sliding_window", "baseconv"]
 
 
 def test_pp2_equals_pp1_for_a_hybrid_of_every_layer_type(tiny_raw):
@@ -217,7 +217,7 @@ def _grads_with_dropout(rank, raw, checkpoint_layers):
 @pytest.mark.parametrize("group", [1, 3])
 def test_activation_checkpointing_gives_identical_gradients_with_dropout(tiny_raw, group):
     raw = tiny_raw(vocab_size=512, hidden_dropout=0.2,
-                   attention_config=[[["baseconv", "attention", "hyena", "rwkv"], "all"]])
+                   attention_config=[[["baseconv", "attention", "hyena", "rwkv4"], "all"]])
     (plain,) = run_ranks(_grads_with_dropout, 1, raw, 0)
     (ckpt,) = run_ranks(_grads_with_dropout, 1, raw, group)
     assert ckpt[0] == plain[0]

@@ -3,6 +3,12 @@
 Heads split over tensor parallelism: the QKV projection is column-parallel with a per-head [q|k|v]
 layout (so a contiguous TP shard holds whole heads), the output projection row-parallel.
 `window` > 0 restricts each query to the last `window` keys (sliding-window attention).
+
+Grouped-query attention (`num_kv_heads` below the number of heads): query head i reads key/value head
+i // (heads / num_kv_heads). The query projection is column-parallel over heads; the key/value projection
+(per kv head [k|v]) is column-parallel when the kv heads divide over the TP ranks, and otherwise replicated
+on every rank (each rank uses the one kv head its query heads read; the gradient of the replicated weight
+is summed over the TP ranks).
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from torch import nn
 
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer
-from neox_zoology.parallel import ColumnLinear, RowLinear, tp_size
+from neox_zoology.parallel import ColumnLinear, RowLinear, copy_to_tp, tp_rank, tp_size
 from neox_zoology.parallel.cpu_compat import tp_region_rng
 from neox_zoology.registry import MixerSpec, register
 
@@ -62,18 +68,38 @@ class CausalSelfAttention(Mixer):
         rotary_pct: float = 1.0,
         rotary_emb_base: float = 10000.0,
         window: int = 0,
+        num_kv_heads: int | None = None,
+        sliding_window_width: int | None = None,
         **stack_kwargs,
     ):
         super().__init__(config, layer_number, **stack_kwargs)
         h, heads = config.hidden_size, config.num_attention_heads
-        self.head_dim = h // heads
-        self.local_heads = heads // tp_size()
-        self.window = window
+        kv = num_kv_heads or heads
+        tp = tp_size()
+        self.head_dim = hd = h // heads
+        self.local_heads = heads // tp
+        self.window = effective_window({"window": window, "sliding_window_width": sliding_window_width})
         self.dropout = config.attention_dropout
-        self.qkv = ColumnLinear(
-            h, 3 * h, config=config, init_method=config.init_method, bias=config.add_bias_linear,
-            gather_output=False,
-        )
+        self.num_kv_heads = kv
+        bias = config.add_bias_linear
+        col = dict(config=config, init_method=config.init_method, bias=bias, gather_output=False)
+        if kv == heads:
+            self.qkv = ColumnLinear(h, 3 * h, **col)
+        else:
+            self.q = ColumnLinear(h, h, **col)
+            self.replicated_kv = kv % tp != 0
+            if not self.replicated_kv:
+                self.kv = ColumnLinear(h, 2 * kv * hd, **col)
+                self.local_kv_heads = kv // tp
+            else:  # tp % kv == 0: every rank's query heads read one kv head
+                # same parameter names (kv.weight, kv.bias) as the column-parallel form, full size on each rank
+                self.kv = nn.Module()
+                self.kv.weight = nn.Parameter(torch.empty(2 * kv * hd, h, dtype=config.params_dtype))
+                self.kv.bias = nn.Parameter(torch.zeros(2 * kv * hd, dtype=config.params_dtype)) if bias else None
+                if config.perform_initialization:
+                    config.init_method(self.kv.weight)
+                self.local_kv_heads = 1
+                self.kv_index = tp_rank() * self.local_heads // (heads // kv)
         self.out = RowLinear(
             h, h, config=config, init_method=config.output_layer_init_method, bias=config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=False,
@@ -81,10 +107,30 @@ class CausalSelfAttention(Mixer):
         rot_dim = int(self.head_dim * rotary_pct) // 2 * 2 if pos_emb == "rotary" else 0
         self.rotary = Rotary(rot_dim, rotary_emb_base)
 
+    def _grouped_qkv(self, x):
+        """q [b, heads, s, hd] and k, v [b, kv heads, s, hd] of this rank."""
+        s, b, _ = x.shape
+        q, _ = self.q(x)
+        q = q.view(s, b, self.local_heads, self.head_dim).permute(1, 2, 0, 3)
+        if self.replicated_kv:
+            rows = slice(2 * self.head_dim * self.kv_index, 2 * self.head_dim * (self.kv_index + 1))
+            weight = copy_to_tp(self.kv.weight)[rows]  # all-reduce of the weight's gradient over TP ranks
+            bias = copy_to_tp(self.kv.bias)[rows] if self.kv.bias is not None else None
+            kv = F.linear(copy_to_tp(x), weight, bias)
+        else:
+            kv, _ = self.kv(x)
+        k, v = kv.view(s, b, self.local_kv_heads, 2, self.head_dim).permute(3, 1, 2, 0, 4).unbind(0)
+        return q, k, v
+
     def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
         s, b, _ = hidden_states.shape
-        qkv, _ = self.qkv(hidden_states)
-        q, k, v = qkv.view(s, b, self.local_heads, 3, self.head_dim).permute(3, 1, 2, 0, 4).unbind(0)
+        if self.num_kv_heads == self.local_heads * tp_size():
+            qkv, _ = self.qkv(hidden_states)
+            q, k, v = qkv.view(s, b, self.local_heads, 3, self.head_dim).permute(3, 1, 2, 0, 4).unbind(0)
+        else:
+            q, k, v = self._grouped_qkv(hidden_states)
+            group = self.local_heads // self.local_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         q, k = self.rotary(q), self.rotary(k)  # [b, heads, s, head_dim]
         mask = causal_mask(s, self.window, q.device)
         p = self.dropout if self.training else 0.0
@@ -95,9 +141,18 @@ class CausalSelfAttention(Mixer):
         return y, None
 
 
+def effective_window(args) -> int:
+    """`window`, or GPT-NeoX's sliding_window_width w as flash-attn's window_size (w, 0): the current position
+    and the w before it."""
+    w = args.get("sliding_window_width")
+    return w + 1 if w else args["window"]
+
+
 def _flops(shape, args):
-    d = shape.hidden_size
-    return flops.linear(d, 3 * d) + flops.linear(d, d) + flops.attention_core(d, shape.seq_length, args["window"])
+    d, heads = shape.hidden_size, shape.num_attention_heads
+    kv_width = 2 * (args.get("num_kv_heads") or heads) * (d // heads)
+    return (flops.linear(d, d + kv_width) + flops.linear(d, d)
+            + flops.attention_core(d, shape.seq_length, effective_window(args)))
 
 
 def _validate(shape, args, need_window=False):
@@ -107,6 +162,13 @@ def _validate(shape, args, need_window=False):
         errors.append(f"window: {w!r}; use a positive number of positions (e.g. 256)")
     if args["pos_emb"] not in ("rotary", "learned", "none"):
         errors.append(f"pos_emb: {args['pos_emb']!r}; use rotary, learned or none")
+    sw = args.get("sliding_window_width")
+    if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw <= 0):
+        errors.append(f"sliding_window_width: {sw!r}; use a positive number of positions (or null)")
+    kv = args.get("num_kv_heads")
+    if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0
+                           or shape.num_attention_heads % kv):
+        errors.append(f"num_kv_heads: {kv!r}; use a divisor of num_attention_heads {shape.num_attention_heads}")
     pct, base = args["rotary_pct"], args["rotary_emb_base"]
     if not _is_number(pct) or not 0.0 <= pct <= 1.0:
         errors.append(f"rotary_pct: {pct!r}; use a fraction in [0, 1]")
@@ -119,8 +181,9 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
 
-_GLOBALS = ("pos_emb", "rotary_pct", "rotary_emb_base")
-_DEFAULTS = {"pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": 10000.0}
+_GLOBALS = ("pos_emb", "rotary_pct", "rotary_emb_base", "num_kv_heads", "sliding_window_width")
+_DEFAULTS = {"pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": 10000.0, "num_kv_heads": None,
+             "sliding_window_width": None}
 
 register(
     MixerSpec(
@@ -142,7 +205,6 @@ register(
         module=CausalSelfAttention,
         defaults={**_DEFAULTS, "window": 256},
         inherits=_GLOBALS,
-        aliases=("local",),
         tp_split="heads",
         flops=_flops,
         validate=lambda shape, args: _validate(shape, args, need_window=True),

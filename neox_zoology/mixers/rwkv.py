@@ -57,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer, full_then_local
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_slice
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import MixerSpec, not_in_configs, register
 
 EMPTY = -1e30
 """Log-scale of an empty sum: finite, so that differences of scales never become inf - inf."""
@@ -243,6 +243,7 @@ register(
     MixerSpec(
         name="rwkv",
         module=RWKVTimeMix,
+        aliases=("rwkv4",),
         defaults={"wkv_chunk": 4, "projection_init": "kaiming_uniform"},
         tp_split="channels",
         flops=_flops,
@@ -251,3 +252,5 @@ register(
         doc="RWKV-4 time mix (exact chunked WKV, no length limit) with the channel mix as the block's MLP",
     )
 )
+not_in_configs("rwkv", "GPT-NeoX's rwkv is RWKV-v6, which is not implemented here; this stack's RWKV is RWKV-4: "
+                       "write rwkv4 to train that one")

@@ -62,8 +62,8 @@ class FusedNormMixin:
     dtype, and no torch.compile trace is running; otherwise torch's norm runs.
     """
 
-    def __init__(self, hidden_size: int, eps: float, fused: bool = False):
-        super().__init__(hidden_size, eps=eps)
+    def __init__(self, hidden_size: int, eps: float, fused: bool = False, **norm_kwargs):
+        super().__init__(hidden_size, eps=eps, **norm_kwargs)
         self.fused = fused
 
     def use_fused(self, x: torch.Tensor) -> bool:
@@ -92,11 +92,13 @@ class RMSNorm(FusedNormMixin, nn.RMSNorm):
 
 
 def build_norm(args) -> nn.Module:
-    """The block / final norm. `fused_norms: true` (default) uses apex's kernels where available."""
+    """The block / final norm. `fused_norms: true` (default) uses apex's kernels where available;
+    `use_bias_in_norms: false` leaves the LayerNorm without its bias."""
     fused = bool(getattr(args, "fused_norms", False)) and apex_fused_norm_functions() is not None
     if args.norm == "rmsnorm":
         return RMSNorm(args.hidden_size, eps=args.rms_norm_epsilon, fused=fused)
-    return LayerNorm(args.hidden_size, eps=args.layernorm_epsilon, fused=fused)
+    return LayerNorm(args.hidden_size, eps=args.layernorm_epsilon, fused=fused,
+                     bias=getattr(args, "use_bias_in_norms", True))
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -146,14 +148,41 @@ def _keep_tensor_parallel_eager() -> bool:
     return True
 
 
-class MLP(nn.Module):
-    """GELU MLP or SwiGLU (gate and up projections kept separate so TP shards stay aligned)."""
+def _tanh_gelu(x):
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, config, ffn: int, gated: bool, bias: bool):
+
+ACTIVATION_FUNCTIONS = {
+    # GPT-NeoX's activation names -> (function, gated)
+    "gelu": (F.gelu, False), "relu": (F.relu, False), "silu": (F.silu, False), "swish": (F.silu, False),
+    "softsign": (F.softsign, False), "mish": (F.mish, False),
+    "geglu": (F.gelu, True), "reglu": (F.relu, True), "swiglu": (F.silu, True),
+    "bilinear": (lambda x: x, True), "glu": (torch.sigmoid, True),
+}
+
+
+def activation_function(name: str, tanh_gelu: bool = False):
+    """(function, gated) of a GPT-NeoX activation name; `tanh_gelu` (bias_gelu_fusion) makes a plain gelu
+    the tanh approximation, as GPT-NeoX's fused bias-GELU kernel computes it."""
+    fn, gated = ACTIVATION_FUNCTIONS[name]
+    if name == "gelu" and tanh_gelu:
+        fn = _tanh_gelu
+    return fn, gated
+
+
+class MLP(nn.Module):
+    """down(act(up x)), or down(act(gate x) * up x) for a gated activation (gate and up projections kept
+    separate so TP shards stay aligned); `ffn` is the hidden width (of each projection when gated)."""
+
+    def __init__(self, config, ffn: int, gated: bool, bias: bool, activation: str | None = None,
+                 tanh_gelu: bool = False):
         super().__init__()
         h = config.hidden_size
         col = dict(config=config, init_method=config.init_method, bias=bias, gather_output=False)
-        self.gated = gated
+        name = activation or ("swiglu" if gated else "gelu")
+        self.act, self.gated = activation_function(name, tanh_gelu)
+        if self.gated != gated:
+            raise ValueError(f"activation {name} is {'' if self.gated else 'not '}gated")
         self.up = ColumnLinear(h, ffn, **col)
         self.gate = ColumnLinear(h, ffn, **col) if gated else None
         self.down = RowLinear(
@@ -165,9 +194,9 @@ class MLP(nn.Module):
         up, _ = self.up(x)
         if self.gated:
             g, _ = self.gate(x)
-            up = F.silu(g) * up
+            up = self.act(g) * up
         else:
-            up = F.gelu(up)
+            up = self.act(up)
         y, _ = self.down(up)
         return y
 
@@ -201,7 +230,8 @@ class ZooBlock(nn.Module):
         if spec.mlp is not None:
             self.mlp = spec.mlp(config, layer_number)
         else:
-            self.mlp = MLP(config, args.ffn_hidden_size, args.gated_mlp, args.mlp_bias)
+            self.mlp = MLP(config, args.mlp_width, args.gated_mlp, args.use_bias_in_mlp, args.activation,
+                           tanh_gelu=args.bias_gelu_fusion)
         self.dropout = nn.Dropout(args.hidden_dropout)
         self.recompute = False
         """Activation checkpointing of this block alone (set by the pipeline engine's builder)."""

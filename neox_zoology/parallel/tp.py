@@ -14,6 +14,35 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 
+_FP32_REDUCE = False
+
+
+def set_fp32_allreduce(enabled: bool) -> None:
+    """Tensor-parallel all-reduces of bf16/fp16 tensors run in fp32 and are cast back (GPT-NeoX's
+    fp32_allreduce), process-wide: megatron-core's `_reduce` (behind the copy/reduce mappings) is wrapped once,
+    and column-parallel layers route their input-gradient all-reduce through that mapping."""
+    global _FP32_REDUCE
+    from megatron.core.tensor_parallel import mappings
+
+    _FP32_REDUCE = bool(enabled)
+    if enabled and not getattr(mappings._reduce, "fp32_aware", False):
+        original = mappings._reduce
+
+        def _reduce(input_, group):
+            if _FP32_REDUCE and input_.dtype in (torch.bfloat16, torch.float16) and group.size() > 1:
+                wide = input_.float()
+                torch.distributed.all_reduce(wide, group=group)
+                return wide.to(input_.dtype)
+            return original(input_, group)
+
+        _reduce.fp32_aware = True
+        mappings._reduce = _reduce
+
+
+def fp32_allreduce() -> bool:
+    return _FP32_REDUCE
+
+
 def _active() -> bool:
     return (
         torch.distributed.is_available()
@@ -95,6 +124,8 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
             bias = None if self.skip_bias_add else self.bias
             out = F.linear(x, self.weight if weight is None else weight, bias)
             return out, (self.bias if self.skip_bias_add else None)
+        if _FP32_REDUCE and self.allreduce_dgrad:
+            self.allreduce_dgrad = False  # the input gradient's all-reduce then goes through mappings._reduce
         return super().forward(x, weight=weight, runtime_gather_output=runtime_gather_output)
 
 

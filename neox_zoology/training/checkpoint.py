@@ -238,7 +238,8 @@ def model_keys(args) -> dict:
     """The config values that define the model's function, resolved (padded vocabulary, MLP width, one
     layer type per layer, each type's section with its defaults)."""
     keys = {k: getattr(args, k) for k in (
-        "num_layers", "hidden_size", "num_attention_heads", "norm", "activation", "ffn_hidden_size", "mlp_bias",
+        "num_layers", "hidden_size", "num_attention_heads", "norm", "activation", "ffn_hidden_size", "mlp_width",
+        "use_bias_in_mlp", "use_bias_in_norms", "bias_gelu_fusion",
         "use_bias_in_attn_linear", "pos_emb", "rotary_pct", "rotary_emb_base", "no_weight_tying", "gpt_j_residual",
         "padded_vocab_size")}
     keys["norm_epsilon"] = args.layernorm_epsilon if args.norm == "layernorm" else args.rms_norm_epsilon
@@ -625,17 +626,24 @@ def load(engine, load_dir: str, args=None, log=print) -> int:
         check_topology(args, Path(load_dir, tag))
         check_model(args, Path(load_dir, tag), finetune=args.finetune)
     finetune = bool(args is not None and args.finetune)
+    flag = lambda name: bool(args is not None and getattr(args, name, False))  # noqa: E731
     weights_only_loading(engine.checkpoint_engine)
-    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=not finetune,
-                                          load_lr_scheduler_states=not finetune, load_module_only=finetune)
+    path, client = engine.load_checkpoint(
+        load_dir, tag=tag, load_optimizer_states=not (finetune or flag("no_load_optim")),
+        load_lr_scheduler_states=not (finetune or flag("override_lr_scheduler")), load_module_only=finetune)
     if path is None:
         raise CheckpointError(f"{Path(load_dir, tag)}: DeepSpeed found no checkpoint files to load there")
     engine.zoo_loaded = str(Path(load_dir, tag))
     if finetune:
         return 0
-    if client.get("rng") is not None:
+    if client.get("rng") is not None and not flag("no_load_rng"):
         set_rng_state(client["rng"])
-    return int(client["iteration"])
+    iteration = int(client["iteration"])
+    if flag("override_lr_scheduler") and engine.lr_scheduler is not None:
+        # this config's schedule (lr, warmup, decay), continued at the loaded iteration
+        engine.lr_scheduler.last_epoch = iteration - 1
+        engine.lr_scheduler.step()
+    return iteration
 
 
 def model_files_only(name: str) -> bool:

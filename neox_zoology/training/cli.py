@@ -46,9 +46,10 @@ def dry_run_world_size(ns) -> int:
 
 
 def _report(msg: str) -> None:
-    # Under the launcher every rank validates the same files; one line per node is enough.
+    # Under the launcher every rank validates the same files; one line per problem per node is enough.
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"config error: {msg}", file=sys.stderr, flush=True)
+        for line in str(msg).splitlines():
+            print(f"config error: {line}", file=sys.stderr, flush=True)
 
 
 def main(argv=None, after_save=()) -> int:
@@ -58,15 +59,18 @@ def main(argv=None, after_save=()) -> int:
     # DeepSpeed's ZeRO calls a torch.distributed API that torch has renamed; harmless, once per rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
     ns = parse(argv)
-    from neox_zoology.config import ConfigError, check_paths, load
+    from neox_zoology.config import ConfigError, check_launch, check_model_keys, check_paths, load, merge_files
 
     try:
         if ns.world_size is not None and not ns.dry_run:
             raise ConfigError("--world-size only goes with --dry-run; a training run takes its world size from "
                               "the launcher (deepspeed --num_gpus N ...)")
+        check_model_keys(merge_files(ns.configs, ns.override, ns.sets)[0], ns.configs)
         world = dry_run_world_size(ns) if ns.dry_run else None
         args = load(ns.configs, ns.override, ns.sets, world_size=world)
         check_paths(args, need_data=not ns.dry_run)
+        if not ns.dry_run:
+            check_launch(args)
         from neox_zoology.training.loop import check_hooks, preflight
 
         check_hooks(args, after_save)

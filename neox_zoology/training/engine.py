@@ -68,17 +68,45 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     ]
 
 
+def global_grad_norm(params) -> torch.Tensor:
+    """2-norm of the gradients of the whole model across TP and pipeline ranks: a tensor-parallel shard counts
+    on every TP rank, a replicated parameter on TP rank 0 only, a tied copy on another pipeline stage
+    (`ds_pipe_replicated`) not at all. Data-parallel replicas hold the same reduced gradients."""
+    from megatron.core import parallel_state
+
+    from neox_zoology.parallel import tp_rank
+
+    first = tp_rank() == 0
+    sq = None
+    for p in params:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if getattr(p, "tensor_model_parallel", False) or first:
+            term = p.grad.detach().float().pow(2).sum()
+            sq = term if sq is None else sq + term
+    if sq is None:
+        sq = torch.zeros((), device=next(iter(params)).device if params else "cpu")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            parallel_state.model_parallel_is_initialized():
+        torch.distributed.all_reduce(sq, group=parallel_state.get_model_parallel_group())
+    return sq.sqrt()
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips a step whose gradients are not all finite on some rank; every rank agrees.
 
     DeepSpeed calls `step` on every rank at the same point (after the data-parallel reduction), so the
     all-reduce of the verdict is safe there. The loop reads and resets `last_skipped`. (Under ZeRO,
     DeepSpeed's own optimizer wrapper finds non-finite gradients first and skips the step itself.)
+    With `clip_norm` set (fp32 without ZeRO, where DeepSpeed runs this optimizer unwrapped and keeps no
+    norm), `step` also computes the global gradient norm before clipping, stores it as `_global_grad_norm`
+    (which DeepSpeed's engine reports) and clips as DeepSpeed does: grads x max_norm / (norm + 1e-6).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_skipped = False
+        self.clip_norm = None
 
     def grads_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -93,6 +121,16 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.clip_norm is not None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            norm = global_grad_norm(params)
+            self._global_grad_norm = float(norm)
+            if self.clip_norm > 0 and torch.isfinite(norm):
+                coef = self.clip_norm / (float(norm) + 1e-6)
+                if coef < 1:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
         self.last_skipped = not self.grads_finite()
         return None if self.last_skipped else super().step(closure)
 
@@ -110,6 +148,12 @@ def make_optimizer(args, model):
     return opt, sched
 
 
+def optimizer_clips(args) -> bool:
+    """fp32 without ZeRO: DeepSpeed steps our optimizer unwrapped and would clip without keeping the norm,
+    so the optimizer computes the norm and clips itself."""
+    return args.dtype_name == "fp32" and args.zero_optimization["stage"] == 0
+
+
 def deepspeed_config(args) -> dict:
     """DeepSpeed's config from the validated sections (`config.ZERO`, `FP16`, `BF16`); precision is the one
     `args.dtype_name` resolves from the sections and GPT-NeoX's `precision` shorthand."""
@@ -120,11 +164,14 @@ def deepspeed_config(args) -> dict:
         "train_micro_batch_size_per_gpu": args.train_micro_batch_size_per_gpu,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "train_batch_size": args.global_batch,
-        "gradient_clipping": args.gradient_clipping,
+        # unwrapped optimizer (fp32, ZeRO 0): GuardedAdamW clips and keeps the norm (see optimizer_clips)
+        "gradient_clipping": 0.0 if optimizer_clips(args) else args.gradient_clipping,
         "zero_optimization": ZERO.for_deepspeed(args.zero_optimization),
         "zero_allow_untested_optimizer": True,  # a torch AdamW: no JIT-compiled FusedAdam
         "bf16": {**BF16.for_deepspeed(args.bf16), "enabled": dtype == "bf16"},
         "fp16": {**FP16.for_deepspeed(args.fp16), "enabled": dtype == "fp16"},
+        **({"data_types": dict(args.data_types)} if args.data_types else {}),
+        **({"communication_data_type": "fp32"} if args.fp32_allreduce and dtype != "fp32" else {}),
         "steps_per_print": args.steps_per_print if args.steps_per_print > 0 else 10**9,
         "wall_clock_breakdown": False,
     }
@@ -137,6 +184,9 @@ def build_engine(args, topology):
 
     from neox_zoology.parallel.setup import MPU
 
+    from neox_zoology.parallel.tp import set_fp32_allreduce
+
+    set_fp32_allreduce(args.fp32_allreduce and args.dtype_name != "fp32")
     config = model_config(args)
     if args.pipe_parallel_size >= 1:
         model = PipelineModule(
@@ -161,6 +211,8 @@ def build_engine(args, topology):
     if torch.cuda.is_available():
         model = model.cuda()
     opt, sched = make_optimizer(args, model)
+    if optimizer_clips(args):
+        opt.clip_norm = args.gradient_clipping
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(args), mpu=mpu,
     )

@@ -27,6 +27,10 @@ def preflight(args, launch: bool):
     (tokenizer or None, the resume plan); raises ConfigError."""
     from neox_zoology.data import check_data_identity
 
+    if launch:
+        from neox_zoology.config import check_launch
+
+        check_launch(args)
     has_file = bool(args.vocab_file) and os.path.exists(args.vocab_file)  # check_paths noted a missing one
     tokenizer = load_tokenizer(args) if launch or has_file else None
     resolve_vocab(args, tokenizer)
