@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer
-from neox_zoology.mixers.linear_attention.common import (ShortConv, check_bool, check_heads, check_int,
+from neox_zoology.mixers.linear_attention.common import (ShortConv, check_heads, check_int,
                                                           check_number, conv_sequence, heads_first, sequence_first)
 from neox_zoology.mixers.linear_attention.kernels import (chunked_linear_attention, compute_dtype,
                                                            linear_attention_step)
