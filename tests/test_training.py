@@ -30,12 +30,15 @@ def losses(summary):
 
 # ----------------------------------------------------------------------------- tensor parallel
 
+RECALL_TYPES = ["based", "sliding_window", "gla", "gated_deltanet", "mamba"]
+"""The recall-efficient mixers that followed Zoology, with Based's sliding-window partner."""
 
-@pytest.mark.parametrize("layers", [["attention"], ["baseconv"], ["baseconv", "attention"]])
+
+@pytest.mark.parametrize("layers", [["attention"], ["baseconv"], ["baseconv", "attention"], RECALL_TYPES])
 @pytest.mark.parametrize("tied", [True, False])
 def test_tp2_equals_tp1_loss_and_gradients(tiny_raw, layers, tied):
     raw = tiny_raw(attention_config=[[layers, "all"]], vocab_size=512, no_weight_tying=not tied,
-                   baseconv={"kernel_sizes": [3, -1]})
+                   baseconv={"kernel_sizes": [3, -1]}, num_layers=max(4, len(layers)))
     (loss1, g1, _), = run_ranks(model_grads, 1, raw, 1)
     for loss2, g2, _ in run_ranks(model_grads, 2, raw, 2):
         assert loss2 == pytest.approx(loss1, abs=1e-6)
@@ -58,7 +61,8 @@ def test_pp2_equals_pp1_and_plain_engine(tiny_raw):
         assert losses(s) == pytest.approx(pp1, abs=1e-5)
 
 
-ALL_TYPES = ["baseconv", "attention", "hyena", "h3", "rwkv4", "long_conv", "sliding_window", "baseconv"]
+ALL_TYPES = ["baseconv", "attention", "hyena", "h3", "rwkv4", "long_conv", "sliding_window", "baseconv", "based",
+             "gla", "gated_deltanet", "mamba"]
 
 
 def test_pp2_equals_pp1_for_a_hybrid_of_every_layer_type(tiny_raw):
@@ -69,8 +73,11 @@ def test_pp2_equals_pp1_for_a_hybrid_of_every_layer_type(tiny_raw):
         assert losses(s) == pytest.approx(pp1, abs=1e-5)
 
 
-def test_tp2_pp2_trains_like_tp1(tiny_raw):
-    raw = tiny_raw(pipe_parallel_size=1, vocab_size=512)
+@pytest.mark.parametrize("layers", [None, RECALL_TYPES], ids=["baseconv-attention", "recall-mixers"])
+def test_tp2_pp2_trains_like_tp1(tiny_raw, layers):
+    extra = {} if layers is None else {"attention_config": [[layers, "all"]], "num_layers": len(layers),
+                                       "sliding_window": {"window": 8}}
+    raw = tiny_raw(pipe_parallel_size=1, vocab_size=512, **extra)
     ref = losses(train(raw, 1)[0])
     out = train({**raw, "pipe_parallel_size": 2, "model_parallel_size": 2}, 4)
     assert losses(out[0]) == pytest.approx(ref, abs=1e-4)

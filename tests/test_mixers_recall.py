@@ -1,0 +1,223 @@
+"""Based, GLA, gated DeltaNet and Mamba: the chunked forward and the one-token step both equal a plain
+token-by-token recurrence of the reference's formula, written here from the layer's parameters (fp64)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import neox_zoology
+from neox_zoology.config import ConfigError, build_args
+
+D, L, HEADS, B = 32, 29, 4, 2
+REL = 1e-8
+
+
+def build(name, **kw):
+    torch.manual_seed(0)
+    m = neox_zoology.build_mixer(name, hidden_size=D, seq_length=L, num_attention_heads=HEADS, **kw).double()
+    with torch.no_grad():  # biases and norm weights away from their init, so the reference sees them
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight") or n.endswith("bias") and p.abs().max() == 0:
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def inputs():
+    return torch.randn(B, L, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def conv(x, c):
+    """Plain causal depthwise conv of x [B, L, ch] with a ShortConv's taps (nn.Conv1d cross-correlation)."""
+    if c is None:
+        return x
+    k = c.kernel_size
+    xp = F.pad(x, (0, 0, k - 1, 0))
+    y = sum(xp[:, j:j + x.shape[1]] * c.weight[:, 0, j] for j in range(k))
+    y = y + (c.bias if c.bias is not None else 0)
+    return F.silu(y) if c.activation else y
+
+
+def rms_gate(o, w, eps, g):
+    y = o / torch.sqrt((o * o).mean(-1, keepdim=True) + eps) * w
+    return y if g is None else y * g * torch.sigmoid(g)
+
+
+def ref_based(m, x):
+    Hh, Fd, P = m.local_heads, m.feature_dim, m.head_dim
+    q = conv(x @ m.q.weight.T, m.q_conv).view(B, L, Hh, Fd)
+    k = conv(x @ m.k.weight.T, m.k_conv).view(B, L, Hh, Fd)
+    v = conv(x @ m.v.weight.T, m.v_conv).view(B, L, Hh, P)
+    out = torch.zeros(B, L, Hh, P, dtype=x.dtype)
+    for t in range(L):
+        for s in range(t + 1):
+            dot = (q[:, t] * k[:, s]).sum(-1) / math.sqrt(Fd)  # phi(q).phi(k) = 1 + x + x^2 / 2
+            out[:, t] += (1 + dot + dot ** 2 / 2)[..., None] * v[:, s]
+        den = sum(1 + (q[:, t] * k[:, s]).sum(-1) / math.sqrt(Fd) + ((q[:, t] * k[:, s]).sum(-1) / math.sqrt(Fd)) ** 2 / 2
+                  for s in range(t + 1))
+        out[:, t] /= den[..., None] + m.eps
+    return out.reshape(B, L, -1) @ m.out.weight.T
+
+
+def ref_gla(m, x):
+    Hh = m.local_heads
+    q = conv(x @ m.q.weight.T, m.q_conv).view(B, L, Hh, -1)
+    k = conv(x @ m.k.weight.T, m.k_conv).view(B, L, Hh, -1)
+    v = conv(x @ m.v.weight.T, m.v_conv).view(B, L, Hh, -1)
+    gk = F.logsigmoid((x @ m.gate_down.T) @ m.gate_up.weight.T + m.gate_up.bias) / m.normalizer
+    gk = gk.view(B, L, Hh, -1)
+    S = torch.zeros(B, Hh, q.shape[-1], v.shape[-1], dtype=x.dtype)
+    out = []
+    for t in range(L):
+        S = S * gk[:, t].exp()[..., None] + k[:, t, ..., None] * v[:, t, :, None, :]
+        out.append((q[:, t, ..., None] * q.shape[-1] ** -0.5 * S).sum(-2))
+    o = torch.stack(out, 1)
+    g = (x @ m.g.weight.T).view(B, L, Hh, -1) if m.g is not None else None
+    return rms_gate(o, m.norm.weight, m.norm.eps, g).reshape(B, L, -1) @ m.out.weight.T
+
+
+def ref_gated_deltanet(m, x):
+    Hh, K = m.local_heads, m.head_k
+    act = (lambda z: z) if m.q_conv is not None else F.silu
+    q = act(conv(x @ m.q.weight.T, m.q_conv)).view(B, L, Hh, K)
+    k = act(conv(x @ m.k.weight.T, m.k_conv)).view(B, L, Hh, K)
+    v = act(conv(x @ m.v.weight.T, m.v_conv)).view(B, L, Hh, -1)
+    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) / math.sqrt(K)
+    k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    beta = torch.sigmoid(x @ m.beta.weight.T)
+    alpha = torch.exp(-m.A_log.exp() * F.softplus(x @ m.alpha.weight.T + m.dt_bias))
+    S = torch.zeros(B, Hh, K, v.shape[-1], dtype=x.dtype)
+    eye = torch.eye(K, dtype=x.dtype)
+    out = []
+    for t in range(L):
+        kt = k[:, t]
+        S = alpha[:, t, :, None, None] * (eye - beta[:, t, :, None, None] * kt[..., :, None] * kt[..., None, :]) @ S \
+            + beta[:, t, :, None, None] * kt[..., :, None] * v[:, t, :, None, :]
+        out.append((q[:, t, ..., None] * S).sum(-2))
+    o = torch.stack(out, 1)
+    g = (x @ m.g.weight.T).view(B, L, Hh, -1) if m.g is not None else None
+    return rms_gate(o, m.norm.weight, m.norm.eps, g).reshape(B, L, -1) @ m.out.weight.T
+
+
+def ref_mamba(m, x):
+    R, N = m.rank, m.d_state
+    xs = conv(x @ m.in_x.weight.T, m.conv)
+    z = x @ m.in_z.weight.T
+    dbl = xs @ m.x_proj.weight.T
+    dt = F.softplus(dbl[..., :R] @ m.dt_proj.weight.T + m.dt_proj.bias)
+    Bm, Cm = dbl[..., R:R + N], dbl[..., R + N:]
+    A = -m.A_log.exp()
+    h = torch.zeros(B, xs.shape[-1], N, dtype=x.dtype)
+    ys = []
+    for t in range(L):
+        h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * Bm[:, t, None, :] * xs[:, t, :, None]
+        ys.append((h * Cm[:, t, None, :]).sum(-1) + m.D * xs[:, t])
+    return (torch.stack(ys, 1) * F.silu(z)) @ m.out.weight.T
+
+
+CASES = [
+    ("based", {}, ref_based), ("based", {"conv_size": 3, "chunk_size": 8}, ref_based),
+    ("gla", {}, ref_gla), ("gla", {"conv_size": 4, "output_gate": False, "chunk_size": 7}, ref_gla),
+    ("gated_deltanet", {}, ref_gated_deltanet),
+    ("gated_deltanet", {"conv_size": 0, "chunk_size": 5, "num_heads": 2}, ref_gated_deltanet),
+    ("mamba", {}, ref_mamba), ("mamba", {"chunk_size": 5, "dt_rank": 3, "d_state": 4}, ref_mamba),
+]
+IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in kw.items()) or 'defaults'}" for n, kw, _ in CASES]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name,kw,ref", CASES, ids=IDS)
+def test_chunked_forward_equals_the_plain_recurrence(name, kw, ref):
+    m = build(name, **kw)
+    x = inputs()
+    with torch.no_grad():
+        assert rel_err(m(x), ref(m.mixer, x)) <= REL
+
+
+@pytest.mark.parametrize("name,kw,ref", CASES, ids=IDS)
+def test_one_token_steps_equal_the_plain_recurrence(name, kw, ref):
+    m = build(name, **kw)
+    x = inputs()
+    with torch.no_grad():
+        state = m.mixer.initial_state(B, torch.float64)
+        ys = []
+        for t in range(L):
+            y, state = m.mixer.step(x[:, t], state)
+            ys.append(y)
+        assert rel_err(torch.stack(ys, 1), ref(m.mixer, x)) <= REL
+
+
+@pytest.mark.parametrize("name", ["based", "gla", "gated_deltanet", "mamba"])
+def test_gradients_of_the_chunked_form_match_a_single_chunk(name):
+    """Chunk boundaries (and Mamba's per-chunk recompute) leave the gradients unchanged."""
+    grads = []
+    for chunk in (L, 6):
+        m = build(name, chunk_size=chunk)
+        x = inputs().requires_grad_(True)
+        m(x).pow(2).sum().backward()
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= REL
+
+
+def test_based_features_reproduce_the_taylor_expansion():
+    from neox_zoology.mixers.linear_attention.based import taylor_features
+
+    q, k = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    dot = (q * k).sum(-1) / 4.0
+    assert taylor_features(q).shape[-1] == 1 + 16 + 256
+    torch.testing.assert_close((taylor_features(q) * taylor_features(k)).sum(-1), 1 + dot + dot ** 2 / 2)
+
+
+def test_gla_starts_with_the_reference_gate_scale():
+    torch.manual_seed(0)
+    m = neox_zoology.build_mixer("gla", hidden_size=D, seq_length=L, num_attention_heads=HEADS).mixer
+    g = m._log_decay(inputs().float())
+    assert (g <= 0).all() and g.mean().item() == pytest.approx(math.log(0.5) / 16, rel=0.05)  # logsigmoid(~0) / 16
+
+
+def test_mamba_initialisation_follows_the_reference():
+    torch.manual_seed(0)
+    m = neox_zoology.build_mixer("mamba", hidden_size=D, seq_length=L, num_attention_heads=HEADS).mixer
+    torch.testing.assert_close(m.A_log[3], torch.log(torch.arange(1, 17, dtype=torch.float32)))
+    assert torch.equal(m.D, torch.ones(2 * D))
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-4 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+    assert m.rank == math.ceil(D / 16) and m.dt_proj.weight.abs().max() <= m.rank ** -0.5
+
+
+def test_gated_deltanet_has_the_reference_layer_size():
+    """zoology's layer takes head_dim = d / num_heads, so key dim d and value dim 2d: q, k d^2 each, v, g, o
+    2 d^2 each (8 d^2), plus convs, gates and the norm."""
+    m = neox_zoology.build_mixer("gated_deltanet", hidden_size=64, seq_length=8, num_attention_heads=4)
+    n = sum(p.numel() for p in m.parameters())
+    small = 4 * (64 + 64 + 128) + 2 * 64 * 4 + 2 * 4 + 32
+    assert n == 8 * 64 * 64 + small
+
+
+def _config(name, **section):
+    return {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 24, "vocab_size": 64,
+            "attention_config": [[[name], "all"]], name: section}
+
+
+@pytest.mark.parametrize("name,section,key", [
+    ("based", {"num_heads": 3}, "num_heads"),
+    ("gla", {"expand_k": 0.3}, "num_heads"),
+    ("gated_deltanet", {"expand_v": 1.3}, "expand_v"),
+    ("mamba", {"dt_min": 0.5, "dt_max": 0.1}, "dt_min"),
+    ("mamba", {"dt_init": "uniform"}, "dt_init"),
+])
+def test_an_out_of_range_value_fails_in_one_line_naming_the_key(name, section, key):
+    with pytest.raises(ConfigError) as err:
+        build_args(_config(name, **section), world_size=1)
+    msg = str(err.value)
+    assert f"{name}.{key}" in msg and "\n" not in msg
+
+
+def test_heads_that_do_not_split_over_tp_are_refused():
+    raw = {**_config("gla", num_heads=3, expand_k=0.75, expand_v=0.75), "model_parallel_size": 2}
+    with pytest.raises(ConfigError, match="gla.num_heads: 3 heads do not split over model_parallel_size 2"):
+        build_args(raw, world_size=2)
