@@ -759,7 +759,8 @@ _DS_LOGGING = frozenset({"comms_logger", "flops_profiler", "wall_clock_breakdown
                          "csv_monitor", "steps_per_print", "dump_state"})
 _MOE = "mixture-of-experts layers are not implemented here; remove the moe_* keys for a dense model"
 _TE = "Transformer Engine layers are not implemented here; remove the te_* keys (the plain layers compute the same)"
-_MAMBA = "GPT-NeoX's Mamba layers are not implemented here; remove the mamba_* keys"
+_MAMBA = ("GPT-NeoX's mamba_* switches are not implemented here; remove them and set the mamba layer type's "
+          "own section (docs/layers.md)")
 NEOX_REFUSED = {
     **{k: _MOE for k in ("moe_num_experts", "moe_type", "moe_top_k", "moe_router_type", "moe_lbl_in_fp32",
                          "moe_jitter_eps", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_min_capacity",
@@ -787,7 +788,6 @@ NEOX_LAYER_TYPES = {
              "here; for a sliding window write sliding_window (or attention with sliding_window_width)",
     **{t: "DeepSpeed's block-sparse attention (sparsity_config) is not implemented here; use global or flash"
        for t in ("sparse_fixed", "sparse_variable", "bigbird", "bslongformer")},
-    "mamba": "GPT-NeoX's Mamba layers are not implemented here",
     "gmlp": "gMLP blocks are not implemented here", "amlp": "aMLP blocks are not implemented here",
 }
 

@@ -53,7 +53,7 @@ REFUSED = {
                       r"gives a first projection of 9558 and a second of 4778 inputs.*43008",
     "llemma/7B.yml": r"unknown key 'warmup_iters'",
     "finetuning_configs/6-9B.yml": r"load: /path/to/checkpoint",
-    **{f"mamba/mamba-{n}.yml": r"layer type 'mamba': GPT-NeoX's Mamba layers are not implemented here"
+    **{f"mamba/mamba-{n}.yml": r"mamba_selective_scan_fusion: true; GPT-NeoX's mamba_\* switches are not implemented here"
        for n in ("130M", "370M", "790M", "1.4B", "2.8B")},
     **{n: NO_MODEL for n in ("cpu_mock_config.yml", "docker/pythia-paths.yml", "eleutherai_cluster.yml",
                              "llama/train_config.yml", "local_setup.yml", "local_setup_comet.yml",
