@@ -17,6 +17,7 @@ def base_raw(corpus, run_dir: Path, **overrides) -> dict:
     raw = {
         "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
         "attention_config": [[["baseconv", "attention"], "all"]], "norm": "rmsnorm", "activation": "swiglu",
+        "intermediate_size": 96,  # GPT-NeoX's size for 32-wide gated projections (3 x 32)
         "pos_emb": "rotary", "optimizer": {"type": "Adam", "params": {"lr": 1.0e-2}}, "warmup": 0.2,
         "zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 2, "train_iters": 4,
         "checkpoint_factor": 2, "seed": 7, "data_path": corpus["data_prefix"], "split": "90,10,0",
@@ -159,7 +160,7 @@ PREFLIGHT = [
     ("rotary -> none", lambda r: {"pos_emb": "none"}, "pos_emb: saved rotary, this run none"),
     ("a mixer argument", lambda r: {"baseconv": {"kernel_sizes": [5, -1]}},
      "baseconv.kernel_sizes: saved [3, -1], this run [5, -1]"),
-    ("a wider MLP", lambda r: {"intermediate_size": 192}, "ffn_hidden_size: saved 128, this run 192"),
+    ("a wider MLP", lambda r: {"intermediate_size": 192}, "ffn_hidden_size: saved 96, this run 192"),
     ("finetune into another shape", lambda r: {"finetune": True, "save": str(r.dir / "ft"), "hidden_size": 64},
      "holds other parameter shapes than this config builds (parameter"),
     ("GPT-2 tokenizer without merges", lambda r: {"tokenizer_type": "GPT2BPETokenizer"},

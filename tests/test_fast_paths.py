@@ -145,7 +145,8 @@ def test_compiled_blocks_with_activation_checkpointing_match_eager_tp1(tp):
     BaseConv's copy/gather is the case that came out wrong when they were traced."""
     raw = {"num_layers": 2, "hidden_size": D, "num_attention_heads": HEADS, "seq_length": L,
            "attention_config": [[["attention", "baseconv"], "all"]], "baseconv": {"kernel_sizes": [-1]},
-           "vocab_size": 64, "norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary"}
+           "vocab_size": 64, "norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary",
+           "intermediate_size": 3 * D}
     (loss1, g1, compiled1), = run_ranks(_gpt_grads, 1, raw, 1)
     assert compiled1 == [False, False]
     ranks = run_ranks(_gpt_grads, tp, {**raw, "compile": True, "checkpoint_activations": True,

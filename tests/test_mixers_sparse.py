@@ -422,6 +422,7 @@ def tiny_raw(**over):
     raw = {
         "num_layers": 4, "hidden_size": D, "num_attention_heads": HEADS, "seq_length": 32, "vocab_size": 64,
         "attention_config": [[HYBRID, "all"]], "norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary",
+        "intermediate_size": 3 * D,
         "optimizer": {"type": "Adam", "params": {"lr": 0.05}}, "weight_decay": 0.0, "gradient_clipping": 0.0,
         "zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 2, "train_iters": 3, "seed": 7,
         "sparse_learned": {"budget": 0.25, "noise_std": 0.05, "aux_loss_coef": 2.0, "block_size": 8},
