@@ -64,19 +64,33 @@ def machine(threads: int) -> dict:
 
 def rss_bytes() -> int | None:
     """Current resident set size (Linux /proc), None where unknown."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
 
 
 def maxrss_bytes(who=resource.RUSAGE_SELF) -> int:
-    """Peak resident set size of this process (or its children) since start or the last reset_peak."""
+    """Peak resident set size of this process (or its children) since the last reset_peak.
+
+    For this process Linux's `VmHWM` is read: `reset_peak` resets it. `getrusage` is not reset: it also keeps
+    the high-water mark every exited thread recorded (an import-time peak, say), so after a reset it can
+    report more than the process held since. Elsewhere, and for children, `getrusage`."""
+    if who == resource.RUSAGE_SELF:
+        hwm = _status_kib("VmHWM")
+        if hwm is not None:
+            return hwm * 1024
     r = resource.getrusage(who).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
+
+
+def _status_kib(field: str) -> int | None:
+    """A `kB` field of /proc/self/status, None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def reset_peak() -> bool:
