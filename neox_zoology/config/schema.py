@@ -116,7 +116,8 @@ class Rule:
                          "e.g. 6.0e-4")
         hint = f" ({'; '.join(notes)})" if notes else ""
         if self.only is not UNSET:
-            return ConfigError(f"{where}: {name}: {show_value(value)}; only {show_value(self.only)} is supported here{hint}")
+            return ConfigError(f"{where}: {name}: {show_value(value)}; only {show_value(self.only)} is supported "
+                               f"here{hint}")
         return ConfigError(f"{where}: {name}: {show_value(value)}; use {self.expect()}{hint}")
 
     def check(self, value, name: str, where: str):

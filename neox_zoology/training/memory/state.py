@@ -28,7 +28,8 @@ def engine_path(args) -> str:
 
 
 def state_bytes(args, n_params: int, largest_param: int, dp: int) -> dict:
-    """Bytes of parameters, gradients, optimizer state and the optimizer-step transient (see module doc)."""
+    """Bytes of parameters, gradients, optimizer state and the optimizer-step transient (the table in
+    docs/memory-plan.md)."""
     x = 4 if args.dtype_name == "fp32" else 2
     stage, path = zero_stage(args), engine_path(args)
     zcfg = args.zero_optimization if isinstance(args.zero_optimization, dict) else {}

@@ -100,7 +100,7 @@ class _FusedRMSNormSaves(torch.autograd.Function):
 
 @contextlib.contextmanager
 def target_kernels(target: str):
-    """On the meta device, pick the kernels the target device would run (see the module docstring)."""
+    """On the meta device, pick the kernels the target device would run (docs/memory-plan.md, Activations)."""
     import torch.nn.functional as F
 
     sdpa, rms_norm = F.scaled_dot_product_attention, F.rms_norm
