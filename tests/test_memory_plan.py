@@ -1,4 +1,4 @@
-"""The dry run's per-rank memory plan (neox_zoology/training/memory.py): accounting rules, activation
+"""The dry run's per-rank memory plan (neox_zoology/training/memory/): accounting rules, activation
 measurement on the meta device, the CLI output, and the estimate against a real CPU training run."""
 from __future__ import annotations
 
