@@ -58,9 +58,9 @@ def zipf_tokens(rng: np.random.Generator, n: int, ranks: np.ndarray) -> np.ndarr
 
 
 def write_tokens(prefix: Path, tokens: np.ndarray, doc_len: int = 1000) -> str:
-    from tokenization.preprocess import _array_builder_class
+    from tokenization.preprocess import array_builder_class
 
-    builder = _array_builder_class()(str(prefix) + ".bin", np.uint16)
+    builder = array_builder_class()(str(prefix) + ".bin", np.uint16)
     step = 1 << 24
     for start in range(0, tokens.size, step):
         part = tokens[start:start + step]

@@ -25,12 +25,12 @@ from tokenization.bigrams import (
     split_documents,
 )
 from neox_zoology.tokenizer import tokenizer_identity
-from tokenization.preprocess import _array_builder_class, preprocess
+from tokenization.preprocess import array_builder_class, preprocess
 from neox_zoology.tokenizer import build_tokenizer
 
 
 def write_dataset(prefix: Path, documents: list[np.ndarray], dtype=np.uint16) -> str:
-    builder = _array_builder_class()(str(prefix) + ".bin", dtype)
+    builder = array_builder_class()(str(prefix) + ".bin", dtype)
     if documents:
         builder.add_documents(np.concatenate(documents), np.array([len(d) for d in documents]))
     builder.finalize(str(prefix) + ".idx")

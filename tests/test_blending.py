@@ -13,7 +13,7 @@ import pytest
 from dist import run_ranks
 from test_preprocess import train_tiny_bpe
 
-from tokenization.preprocess import _array_builder_class, preprocess
+from tokenization.preprocess import array_builder_class, preprocess
 
 RANGES = {"a": (10, 100), "b": (100, 200), "c": (200, 300)}  # disjoint token ids per dataset
 
@@ -21,7 +21,7 @@ RANGES = {"a": (10, 100), "b": (100, 200), "c": (200, 300)}  # disjoint token id
 def _write(prefix: Path, low: int, high: int, eod: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
     docs = [np.append(rng.integers(low, high, int(rng.integers(5, 40))), eod) for _ in range(150)]
-    builder = _array_builder_class()(str(prefix) + ".bin", np.uint16)
+    builder = array_builder_class()(str(prefix) + ".bin", np.uint16)
     builder.add_documents(np.concatenate(docs), np.array([len(d) for d in docs]))
     builder.finalize(str(prefix) + ".idx")
     return str(prefix)

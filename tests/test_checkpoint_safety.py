@@ -282,16 +282,17 @@ def _disk_full_at(rank, argv, tag):
     """The checkpoint engine's file writes for `tag` fail with ENOSPC."""
     import errno
 
-    from neox_zoology.training import checkpoint, cli
+    from neox_zoology.training import cli
+    from neox_zoology.training.checkpoint import saving
 
-    original = checkpoint._HashingFile.write
+    original = saving._HashingFile.write
 
     def write(self, data):
         if tag in getattr(self.f, "name", ""):
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, data)
 
-    checkpoint._HashingFile.write = write
+    saving._HashingFile.write = write
     return cli.main(argv)
 
 

@@ -1,4 +1,4 @@
-"""The dry run's per-rank memory plan (neox_zoology/training/memory.py): accounting rules, activation
+"""The dry run's per-rank memory plan (neox_zoology/training/memory/): accounting rules, activation
 measurement on the meta device, the CLI output, and the estimate against a real CPU training run."""
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def test_pipeline_plans_every_stage_and_reports_the_busiest():
 
 
 def test_world_size_must_divide_into_tp_times_pp():
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(ValueError, match="not divisible"):
         memory.layout_of(make(world=2, model_parallel_size=2), world_size=3)
 
 

@@ -132,7 +132,7 @@ def test_without_append_eod_documents_are_bare_encodings(tmp_path, tiny):
 def test_idx_is_byte_identical_to_megatron_builder(tmp_path, monkeypatch):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    builder_class = pp._array_builder_class()
+    builder_class = pp.array_builder_class()
     monkeypatch.setattr(builder_class, "BLOCK", 3)  # several blocks of pointers and indices
     rng = np.random.default_rng(0)
     for dtype in (np.uint16, np.int32):

@@ -506,7 +506,7 @@ def _ordered_results(tasks: Iterator[_Chunk | _Skip], spec: _Spec, workers: int)
 
 
 @lru_cache(maxsize=None)
-def _array_builder_class():
+def array_builder_class():
     """IndexedDatasetBuilder that takes whole arrays of documents and scales to the Pile.
 
     The base class keeps Python lists of every length and pointer and loops over them in finalize
@@ -731,7 +731,7 @@ def preprocess(
 
     from tqdm import tqdm
 
-    builder_class = _array_builder_class()
+    builder_class = array_builder_class()
     builders, work_start = [], None
     try:
         builders = [builder_class(str(partial[key]["bin"]), dtype.type) for key in keys]

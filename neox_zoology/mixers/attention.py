@@ -12,6 +12,8 @@ is summed over the TP ranks).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,7 @@ from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer
 from neox_zoology.parallel import ColumnLinear, RowLinear, copy_to_tp, tp_rank, tp_size
 from neox_zoology.parallel.cpu_compat import tp_region_rng
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import MixerSpec, is_number, register
 
 
 class Rotary(nn.Module):
@@ -155,7 +157,7 @@ def _flops(shape, args):
             + flops.attention_core(d, shape.seq_length, effective_window(args)))
 
 
-def _validate(shape, args, need_window=False):
+def validate_attention(shape, args, need_window=False):
     errors = []
     w = args["window"]
     if not isinstance(w, int) or isinstance(w, bool) or w < 0 or (need_window and w == 0):
@@ -170,15 +172,11 @@ def _validate(shape, args, need_window=False):
                            or shape.num_attention_heads % kv):
         errors.append(f"num_kv_heads: {kv!r}; use a divisor of num_attention_heads {shape.num_attention_heads}")
     pct, base = args["rotary_pct"], args["rotary_emb_base"]
-    if not _is_number(pct) or not 0.0 <= pct <= 1.0:
+    if not (is_number(pct) and math.isfinite(pct)) or not 0.0 <= pct <= 1.0:
         errors.append(f"rotary_pct: {pct!r}; use a fraction in [0, 1]")
-    if not _is_number(base) or not base > 0:
+    if not (is_number(base) and math.isfinite(base)) or not base > 0:
         errors.append(f"rotary_emb_base: {base!r}; use a positive number, e.g. 10000")
     return errors
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
 
 _GLOBALS = ("pos_emb", "rotary_pct", "rotary_emb_base", "num_kv_heads", "sliding_window_width")
@@ -194,7 +192,7 @@ register(
         aliases=("global", "flash"),
         tp_split="heads",
         flops=_flops,
-        validate=_validate,
+        validate=validate_attention,
         doc="causal multi-head attention (SDPA) with rotary embeddings",
     )
 )
@@ -207,7 +205,7 @@ register(
         inherits=_GLOBALS,
         tp_split="heads",
         flops=_flops,
-        validate=lambda shape, args: _validate(shape, args, need_window=True),
+        validate=lambda shape, args: validate_attention(shape, args, need_window=True),
         doc="causal attention over the last `window` positions",
     )
 )

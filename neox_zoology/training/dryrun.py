@@ -2,7 +2,7 @@
 plan the memory of one rank.
 
 No weights are allocated, so a 1.4B config takes seconds on a laptop. Counts are for the whole model
-(TP = PP = 1 view); the tied LM head is counted once. The memory plan (`training/memory.py`) is per rank
+(TP = PP = 1 view); the tied LM head is counted once. The memory plan (`training/memory/`) is per rank
 of the busiest pipeline stage at the intended world size (`--world-size N`, else the launcher's
 WORLD_SIZE, else model_parallel_size x pipeline stages, i.e. one data-parallel replica): parameters,
 gradients, optimizer state and activations in GiB, and whether that fits 40 GB and 80 GB GPUs.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from neox_zoology import flops
-from neox_zoology.mixers.attention import _validate as _attention_validate
+from neox_zoology.mixers.attention import validate_attention
 from neox_zoology.mixers.sparse.layers import (LearnedSparseAttention, ProgrammaticSparseAttention,
                                                RandomSparseAttention, SparseAttention, collect_stats,
                                                set_aux_loss_scale, sparse_layers)
@@ -27,7 +27,7 @@ __all__ = ["SparseAttention", "RandomSparseAttention", "ProgrammaticSparseAttent
 
 
 def _validate_common(name: str, shape, args) -> list[str]:
-    errors = [f"{name}.{e}" for e in _attention_validate(shape, {**args, "window": 0})]
+    errors = [f"{name}.{e}" for e in validate_attention(shape, {**args, "window": 0})]
     drop = args["attention_dropout"]
     if not is_number(drop) or drop != 0:
         errors.append(f"{name}: attention_dropout {drop!r} is not supported by sparse attention layers; "
