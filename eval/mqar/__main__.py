@@ -38,6 +38,8 @@ def parse(argv=None):
     s.add_argument("--vocab-size", type=int, default=None)
     s.add_argument("--steps", type=int, default=None, help="steps per run with fresh examples")
     s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--mixer-args", default=None, help="JSON {layer type: {key: value}} over the registry's "
+                   "defaults, e.g. '{\"gla\": {\"conv_size\": 4}}' (recorded per cell)")
     s.add_argument("--out", required=True, help="results JSON (finished cells are cached there: rerun to resume)")
     s.add_argument("--plot", default=None, help="PNG (default: beside --out)")
     s.add_argument("--workers", type=int, default=1, help="processes, one cell each")
@@ -70,6 +72,22 @@ def sweep_config(ns) -> dict:
         cfg["train_examples"] = 0
     if ns.batch_size:
         cfg["batch_size"] = ns.batch_size
+    if ns.mixer_args:
+        try:
+            extra = json.loads(ns.mixer_args)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--mixer-args: {ns.mixer_args!r} is not JSON ({exc.msg}); write e.g. "
+                             '\'{"gla": {"conv_size": 4}}\'') from None
+        if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+            raise ValueError(f"--mixer-args: {ns.mixer_args!r}; give a mapping of layer type to a mapping of keys")
+        from neox_zoology import registry
+
+        for name, args in extra.items():
+            try:
+                registry.resolve_args(name, args)
+            except KeyError as exc:
+                raise ValueError(f"--mixer-args: {exc.args[0]}") from None
+            cfg["mixer_args"].setdefault(name, {}).update(args)
     cfg["device"] = ns.device
     return cfg
 
