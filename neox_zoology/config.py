@@ -403,7 +403,7 @@ def _doc(text: str, default: Any = MISSING, factory: Any = MISSING, **rule):
     return field(default=default, metadata=meta)
 
 
-_INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init")
+_INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "single_residual_scaled_normal")
 GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "bilinear", "glu")
 ACTIVATIONS = ("gelu", "relu", "silu", "swish", "softsign", "mish", *GATED_ACTIVATIONS)
 
@@ -759,8 +759,6 @@ _DS_LOGGING = frozenset({"comms_logger", "flops_profiler", "wall_clock_breakdown
                          "csv_monitor", "steps_per_print", "dump_state"})
 _MOE = "mixture-of-experts layers are not implemented here; remove the moe_* keys for a dense model"
 _TE = "Transformer Engine layers are not implemented here; remove the te_* keys (the plain layers compute the same)"
-_MAMBA = ("GPT-NeoX's mamba_* switches are not implemented here; remove them and set the mamba layer type's "
-          "own section (docs/layers.md)")
 NEOX_REFUSED = {
     **{k: _MOE for k in ("moe_num_experts", "moe_type", "moe_top_k", "moe_router_type", "moe_lbl_in_fp32",
                          "moe_jitter_eps", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_min_capacity",
@@ -770,8 +768,6 @@ NEOX_REFUSED = {
     **{k: _TE for k in ("te_columnparallel", "te_rowparallel", "te_layernorm_mlp", "te_mha", "te_fp8_format",
                         "te_fp8_wgrad", "te_fp8_amax_history_len", "te_fp8_amax_compute_algo", "te_fp8_margin",
                         "te_fp8_mha", "te_fp8_use_cached_weights")},
-    **{k: _MAMBA for k in ("mamba_selective_scan_fusion", "mamba_causal_conv_fusion", "mamba_inner_func_fusion",
-                           "mamba_selective_fp32_params", "mamba_use_bias_in_conv", "mamba_use_bias_in_linears")},
     "expansion_factor": "GPT-NeoX's expansion_factor is not implemented here; give intermediate_size instead",
     "use_qk_layernorm": "query/key LayerNorm is not implemented here; remove it (or set false)",
     "deepspeed_extra_args": "extra DeepSpeed settings are not passed on here (only its logging sections are "
@@ -929,6 +925,52 @@ def _neox_inert(key: str, value, raw: dict) -> bool:
     return value is None or value is False or value == {} or value == []
 
 
+# GPT-NeoX's mamba_* keys. The kernel switches choose CUDA kernels for the same math: accepted, no effect.
+NEOX_MAMBA_FUSION = ("mamba_selective_scan_fusion", "mamba_causal_conv_fusion", "mamba_inner_func_fusion")
+
+
+def _neox_mamba_keys(raw: dict, where, ignored: list) -> list[str]:
+    """Moves GPT-NeoX's mamba_* keys out of `raw`: bias switches into the layer type's section, kernel switches and
+    mamba_selective_fp32_params (where it changes nothing) into `ignored`; returns the problems."""
+    problems = []
+    for key in NEOX_MAMBA_FUSION:
+        if key in raw:
+            value = raw.pop(key)
+            if isinstance(value, bool):
+                ignored.append(key)
+            else:
+                problems.append(f"{where(key)}: {key}: {_show(value)}; use true or false (a kernel choice, no effect)")
+    for name in registry.names():  # bias switches: keys of a layer type's section (MixerSpec.neox_keys)
+        for key, targets in registry.get(name).neox_keys.items():
+            if key not in raw:
+                continue
+            value, section = raw.pop(key), raw.get(name)
+            if not isinstance(value, bool):
+                problems.append(f"{where(key)}: {key}: {_show(value)}; use true or false")
+                continue
+            section = {} if section is None else section
+            if not isinstance(section, dict):
+                continue  # the section's own error is reported where it is read
+            clash = [t for t in targets if t in section and section[t] != value]
+            if clash:
+                problems.append(f"{where(key)}: {key}: {_show(value)} contradicts {name}.{clash[0]}: "
+                                f"{_show(section[clash[0]])}; keep one")
+            raw[name] = {**section, **{t: value for t in targets}}
+    if "mamba_selective_fp32_params" in raw:
+        key, value = "mamba_selective_fp32_params", raw.pop("mamba_selective_fp32_params")
+        half = raw.get("precision") in ("fp16", "bfloat16") or any(
+            isinstance(raw.get(k), dict) and raw[k].get("enabled") for k in ("fp16", "bf16"))
+        if not isinstance(value, bool):
+            problems.append(f"{where(key)}: {key}: {_show(value)}; use true or false")
+        elif value and half:
+            problems.append(f"{where(key)}: {key}: true; keeping A_log and D in fp32 while DeepSpeed casts the model "
+                            f"to fp16/bf16 is not implemented here; set it to false (they are then stored in the "
+                            f"run's precision, the scan still computes in fp32) or train in fp32")
+        else:
+            ignored.append(key)  # false, or an fp32 run: every parameter is fp32 anyway
+    return problems
+
+
 def build_args(raw: dict, source: dict | None = None, world_size: int | None = None) -> Args:
     """Typed, validated Args from merged raw keys (no I/O besides tokenizer/data existence checks).
 
@@ -946,6 +988,7 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
         raw.setdefault("use_bias_in_mlp", raw["mlp_bias"])
         source.setdefault("use_bias_in_mlp", source.get("mlp_bias", "config"))
         del raw["mlp_bias"]
+    problems += _neox_mamba_keys(raw, where, args.ignored_keys)
     for key, value in raw.items():
         try:
             if key in ARG_RULES:
@@ -1116,11 +1159,11 @@ def _validate(args: Args, where) -> None:
             setattr(args, weights_key, [1.0] * len(paths))  # GPT-NeoX's default: equal weights
     # shapes and parallel sizes
     d, heads, tp = args.hidden_size, args.num_attention_heads, args.tp
-    if d % heads:
+    uses_heads = any(registry.get(t).tp_split == "heads" for t in args.layer_types)
+    if d % heads and uses_heads:  # GPT-NeoX skips this check for Mamba models, whose layers have no heads
         raise ConfigError(f"{where('hidden_size')}: hidden_size {d} is not divisible by num_attention_heads {heads}")
     if d % tp:
         raise ConfigError(f"{where('model_parallel_size')}: hidden_size {d} is not divisible by model_parallel_size {tp}")
-    uses_heads = any(registry.get(t).tp_split == "heads" for t in args.layer_types)
     if uses_heads and heads % tp:
         raise ConfigError(
             f"{where('model_parallel_size')}: num_attention_heads {heads} is not divisible by model_parallel_size {tp}"

@@ -41,6 +41,12 @@ class MixerSpec:
     """Top-level config keys this mixer also reads (e.g. attention's `pos_emb`), same names as in `defaults`."""
     mlp: type | None = None
     """A block-level replacement for the MLP (RWKV's channel mix); None keeps the configured MLP."""
+    has_mlp: Callable[[Mapping[str, Any]], bool] = lambda args: True
+    """Whether the block around this mixer has an MLP (and the norm before it), given the type's section;
+    False: the block is norm + mixer + residual only (a Mamba block as GPT-NeoX and the Mamba paper build it)."""
+    neox_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """GPT-NeoX top-level true/false keys that set keys of this type's section (a config's own section value
+    must agree), e.g. mamba_use_bias_in_conv -> conv_bias."""
     needs_token_ids: bool = False
     """The layer reads the raw token ids (the GPT layer specs carry them through the pipeline)."""
     before_step: Callable[[Any, float], None] | None = None
