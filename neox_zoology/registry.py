@@ -56,11 +56,17 @@ class MixerSpec:
     """model -> {name: value} to log every log_interval; a collective: every rank calls it at the same step."""
     notices: Callable[[Any], list] | None = None
     """args -> start-up notices (what a valid config does differently from what its keys might suggest)."""
+    state_bytes: Callable[[Shape, Mapping[str, Any], int], float] | None = None
+    """(shape, this layer's args, seq_len) -> bytes of state one sequence keeps at inference after seq_len
+    tokens, at STATE_BYTES per number (a KV cache grows with seq_len; a recurrence does not)."""
     memory_note: str = ""
     """Added to the dry-run memory plan's note when this type's activations are measured on the CPU."""
     doc: str = ""
     """One line for the layer table."""
 
+
+STATE_BYTES = 4
+"""Bytes per number of inference state in `MixerSpec.state_bytes` (fp32, the recurrences' accumulation dtype)."""
 
 DEFAULT_TYPE = "attention"
 """The layer type of every layer when a config has no attention_config (GPT-NeoX's global attention)."""

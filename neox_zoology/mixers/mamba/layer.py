@@ -34,7 +34,7 @@ from neox_zoology.mixers.linear_attention.gated_deltanet import inverse_softplus
 from neox_zoology.mixers.linear_attention.kernels import compute_dtype
 from neox_zoology.mixers.mamba.scan import selective_scan, selective_scan_step
 from neox_zoology.parallel import ColumnLinear, RowLinear, copy_to_tp, mark_tp_param, tp_slice
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, register
 
 DT_INITS = ("random", "constant")
 
@@ -131,6 +131,12 @@ def _flops(shape, args):
     return f + flops.short_conv(E, args["d_conv"]) + 4.0 * E * N  # the scan: dt x B in, C . h out
 
 
+def _state_bytes(shape, args, seq_len):
+    """h [E, N] and the conv's last d_conv - 1 inputs per inner channel."""
+    E = args["expand"] * shape.hidden_size
+    return E * (args["d_state"] + args["d_conv"] - 1) * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="mamba",
@@ -141,6 +147,7 @@ register(
         tp_split="channels",
         flops=_flops,
         validate=_validate,
+        state_bytes=_state_bytes,
         has_mlp=lambda args: bool(args["mlp"]),
         # GPT-NeoX's switches: its in_proj, x_proj and out_proj share one bias switch
         neox_keys={"mamba_use_bias_in_conv": ("conv_bias",), "mamba_use_bias_in_linears": ("bias", "x_proj_bias")},
