@@ -1,4 +1,4 @@
-"""`python -m eval.mqar generate ...` and `python -m eval.mqar sweep ...` (see eval/mqar/configs.py)."""
+"""`python -m eval.mqar generate ...`, `... sweep ...` (see eval/mqar/configs.py) and `... plot ...` (state_plot.py)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,11 @@ def parse(argv=None):
     g.add_argument("--power-a", type=float, default=0.01)
     g.add_argument("--filler", choices=("zero", "random"), default="zero")
     g.add_argument("--out", required=True)
+
+    q = sub.add_parser("plot", help="MQAR accuracy vs inference state bytes, one point per (mixer, width): PNG + JSON")
+    q.add_argument("--results", nargs="+", required=True, help="sweep result JSONs")
+    q.add_argument("--seq-len", type=int, default=64, help="the length whose cells are plotted (default 64)")
+    q.add_argument("--out", required=True, help="PNG; the points go to the same name with .json")
 
     s = sub.add_parser("sweep", help="train 2-layer models per (mixer, length, width, lr); best accuracy per cell")
     s.add_argument("--config", default="cpu", help="named settings: paper | cpu | smoke (flags below override)")
@@ -108,6 +113,21 @@ def main(argv=None) -> int:
         return 0
     from pathlib import Path
 
+    if ns.cmd == "plot":
+        from eval.mqar.state_plot import plot
+
+        missing = [r for r in ns.results if not Path(r).exists()]
+        if missing:
+            print(f"error: --results: {', '.join(missing)} not found; give sweep result JSONs", file=sys.stderr)
+            return 2
+        try:
+            res = plot(ns.results, ns.out, str(Path(ns.out).with_suffix(".json")), ns.seq_len)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for p in res["points"]:
+            print(f"{p['mixer']:<40} d={p['d_model']:<4} state {p['state_bytes']:>10,} B  accuracy {100 * p['accuracy']:.1f}%")
+        return 0
     from eval.mqar.sweep import markdown_table, sweep
 
     try:
