@@ -13,9 +13,8 @@ Initialisation as the reference (state-spaces/mamba `Mamba`, zoology `Mamba`): A
 channel (S4D-real), D = 1, W_dt uniform +-dt_scale R^-1/2 ("random") or constant, b_dt = softplus^-1
 of dt log-uniform in [dt_min, dt_max] floored at dt_init_floor; the other projections start as the
 model's linear layers (init_method, W_o output_layer_init_method). A_log, D and b_dt get no weight decay.
-`bias` puts biases on W_x, W_z, W_o (the reference's in/out projections), `x_proj_bias` on W_xp (GPT-NeoX's
-mamba_use_bias_in_linears sets both). The block is norm + Mamba only, as the reference and GPT-NeoX
-stack it; `mlp: true` adds the configured MLP after it (the module ignores the key; MixerSpec.has_mlp).
+`bias`: W_x, W_z, W_o biases; `x_proj_bias`: W_xp's. The block is norm + Mamba only (`mlp: true` adds the
+MLP; MixerSpec.has_mlp reads it, the module ignores it). Derivations: docs/recall-mixers.md.
 Tensor parallelism: inner channels split. W_x, W_z, W_dt column-parallel; W_xp row-parallel (dt_in,
 B, C summed over ranks, then shared); W_o row-parallel.
 """
