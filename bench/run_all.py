@@ -31,6 +31,7 @@ BENCHMARKS = [
     ("preprocess", ["bench.preprocess", "--mb", "24", "--rounds", "2", "--out", "{r}/preprocess.json",
                     "--md", "{r}/preprocess.md"]),
     ("bigrams", ["bench.bigrams", "--out", "{r}/bigrams.json", "--md", "{r}/bigrams.md"]),
+    ("recall", ["bench.recall", "--out", "{r}/recall.json", "--md", "{r}/recall.md"]),
 ]
 
 # The end-to-end set that fits the make-bench budget (~4 minutes on 2 cores): attention, BaseConv and the

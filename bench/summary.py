@@ -56,6 +56,11 @@ def _sparse(d):
     return _target_list(d, lambda t: f"{t['row']} L={t['seq_len']} {t['kind']} vs attention")
 
 
+def _recall(d):
+    return [(f"{t['mixer']} L={t['seq_len']} fwd+bwd time vs attention", t["ratio_time"], f"<= {t['target']}",
+             t["met"]) for t in d.get("targets", [])]
+
+
 def _trainer_overhead(d):
     return [("trainer step / bare PyTorch step", d["ratio"], f"<= {d['target_ratio']}", d["target_met"])]
 
@@ -150,6 +155,7 @@ EXTRACTORS = {
     "checkpoint": _checkpoint,
     "preprocess": _preprocess,
     "bigrams": _bigrams,
+    "recall": _recall,
 }
 
 

@@ -50,6 +50,8 @@ def model_forward_per_token(args) -> float:
         spec = registry.get(layer_type)
         mixer_args = spec.per_layer(args.mixer_args(layer_type), occurrence)
         total += spec.flops(shape, mixer_args)
+        if not spec.has_mlp(args.mixer_args(layer_type)):
+            continue
         if spec.mlp is not None:  # a mixer-specific MLP (RWKV's channel mix) states its own cost
             total += spec.mlp.flops(args.hidden_size, args.ffn_hidden_size)
         else:

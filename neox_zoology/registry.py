@@ -41,6 +41,12 @@ class MixerSpec:
     """Top-level config keys this mixer also reads (e.g. attention's `pos_emb`), same names as in `defaults`."""
     mlp: type | None = None
     """A block-level replacement for the MLP (RWKV's channel mix); None keeps the configured MLP."""
+    has_mlp: Callable[[Mapping[str, Any]], bool] = lambda args: True
+    """Whether the block around this mixer has an MLP (and the norm before it), given the type's section;
+    False: the block is norm + mixer + residual only (a Mamba block as GPT-NeoX and the Mamba paper build it)."""
+    neox_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """GPT-NeoX top-level true/false keys that set keys of this type's section (a config's own section value
+    must agree), e.g. mamba_use_bias_in_conv -> conv_bias."""
     needs_token_ids: bool = False
     """The layer reads the raw token ids (the GPT layer specs carry them through the pipeline)."""
     before_step: Callable[[Any, float], None] | None = None
@@ -50,11 +56,17 @@ class MixerSpec:
     """model -> {name: value} to log every log_interval; a collective: every rank calls it at the same step."""
     notices: Callable[[Any], list] | None = None
     """args -> start-up notices (what a valid config does differently from what its keys might suggest)."""
+    state_bytes: Callable[[Shape, Mapping[str, Any], int], float] | None = None
+    """(shape, this layer's args, seq_len) -> bytes of state one sequence keeps at inference after seq_len
+    tokens, at STATE_BYTES per number (a KV cache grows with seq_len; a recurrence does not)."""
     memory_note: str = ""
     """Added to the dry-run memory plan's note when this type's activations are measured on the CPU."""
     doc: str = ""
     """One line for the layer table."""
 
+
+STATE_BYTES = 4
+"""Bytes per number of inference state in `MixerSpec.state_bytes` (fp32, the recurrences' accumulation dtype)."""
 
 DEFAULT_TYPE = "attention"
 """The layer type of every layer when a config has no attention_config (GPT-NeoX's global attention)."""

@@ -45,6 +45,18 @@ def test_builds_and_maps_batch_seq_hidden(name, shape, layer_index):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_inference_state_bytes_positive_and_not_shrinking(name):
+    """Every type states its inference state per sequence; it never shrinks as the context grows."""
+    spec = registry.get(name)
+    assert callable(spec.state_bytes), f"{name}: MixerSpec.state_bytes is missing"
+    shape = registry.Shape(hidden_size=64, seq_length=512, num_attention_heads=4)
+    for layer_index in LAYERS:
+        args = spec.per_layer(dict(spec.defaults), layer_index)
+        small, large = spec.state_bytes(shape, args, 64), spec.state_bytes(shape, args, 512)
+        assert 0 < small <= large, (name, layer_index, small, large)
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("layer_index", LAYERS)
 def test_causal_in_eval(name, layer_index):
     torch.manual_seed(0)

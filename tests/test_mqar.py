@@ -197,3 +197,29 @@ def test_fixed_training_set_runs_epochs_and_evaluates_each_epoch():
            "position_embeddings": ["attention"]}
     r = train_one(cfg, "attention", 16, 2, 16, 3e-3)
     assert [step for step, _ in r["history"]] == [4, 8, 12]  # 64 examples / batch 16 = 4 steps per epoch
+
+
+def test_mixer_args_cli_and_state_plot(tmp_path, capsys):
+    """`sweep --mixer-args` records the section per cell; `plot` puts each (mixer, width) at its state size."""
+    from eval.mqar.__main__ import main
+    from neox_zoology import registry
+
+    plain, conv = tmp_path / "plain.json", tmp_path / "conv.json"
+    assert main(["sweep", "--config", "smoke", "--mixers", "attention,gla", "--steps", "2", "--out", str(plain),
+                 "--quiet"]) == 0
+    assert main(["sweep", "--config", "smoke", "--mixers", "gla", "--steps", "2", "--out", str(conv), "--quiet",
+                 "--mixer-args", '{"gla": {"conv_size": 4}}']) == 0
+    cell = json.loads(conv.read_text())["cells"]["gla|L16|kv2|d16"]
+    assert cell["settings"]["layer_args"]["gla"]["conv_size"] == 4
+    assert main(["sweep", "--config", "smoke", "--out", str(conv), "--mixer-args", '{"gla": {"conv": 4}}']) == 2
+    assert "gla: unknown argument(s) conv" in capsys.readouterr().err
+
+    png = tmp_path / "state.png"
+    assert main(["plot", "--results", str(plain), str(conv), "--seq-len", "16", "--out", str(png)]) == 0
+    pts = {(p["mixer"], p["d_model"]): p for p in json.loads(png.with_suffix(".json").read_text())["points"]}
+    assert set(pts) == {("attention", 16), ("gla", 16), ("gla (conv_size=4)", 16)} and png.stat().st_size > 1000
+    kv_cache = 2 * (2 * 16 * 16 * registry.STATE_BYTES)  # two attention layers, keys and values of 16 positions
+    assert pts["attention", 16]["state_bytes"] == kv_cache
+    assert pts["gla (conv_size=4)", 16]["state_bytes"] > pts["gla", 16]["state_bytes"]
+    assert main(["plot", "--results", str(plain), "--seq-len", "64", "--out", str(png)]) == 2
+    assert main(["plot", "--results", str(tmp_path / "none.json"), "--out", str(png)]) == 2

@@ -39,6 +39,8 @@ PLANNED = {
     "llama2/codellama_34B.yml": CODELLAMA_VOCAB,
     "llemma/34B.yml": CODELLAMA_VOCAB,
     "19M.yml": GPT2_VOCAB,
+    # no tokenizer keys: GPT-NeoX's default GPT2BPETokenizer
+    **{f"mamba/mamba-{n}.yml": GPT2_VOCAB for n in ("130M", "370M", "790M", "1.4B", "2.8B")},
 }
 
 NO_MODEL = r"no model keys \(num_layers, hidden_size, num_attention_heads\)"
@@ -53,8 +55,6 @@ REFUSED = {
                       r"gives a first projection of 9558 and a second of 4778 inputs.*43008",
     "llemma/7B.yml": r"unknown key 'warmup_iters'",
     "finetuning_configs/6-9B.yml": r"load: /path/to/checkpoint",
-    **{f"mamba/mamba-{n}.yml": r"mamba_selective_scan_fusion: true; GPT-NeoX's mamba_\* switches are not implemented here"
-       for n in ("130M", "370M", "790M", "1.4B", "2.8B")},
     **{n: NO_MODEL for n in ("cpu_mock_config.yml", "docker/pythia-paths.yml", "eleutherai_cluster.yml",
                              "llama/train_config.yml", "local_setup.yml", "local_setup_comet.yml",
                              "local_setup_wandb.yml", "prof.yml", "slurm_local.yml", "sparse.yml",
@@ -62,6 +62,30 @@ REFUSED = {
 }
 
 GATED = ("geglu", "reglu", "swiglu", "bilinear", "glu")
+
+
+def neox_layer_types(c: dict) -> list[str]:
+    """GPT-NeoX's expansion of attention_config: [[types], n] repeats the list of types n times."""
+    out = []
+    for types, n in c.get("attention_config") or [[["global"], c["num_layers"]]]:
+        out += list(types) * n
+    return out
+
+
+def neox_mamba_layer(c: dict, h: int) -> int:
+    """GPT-NeoX's ParallelMambaResidualLayer: one norm and the Mamba block, no MLP. d_state 16, d_conv 4,
+    d_inner = intermediate_size or expansion_factor (2) x h, dt_rank ceil(h / 16); mamba_use_bias_in_linears
+    puts biases on in_proj, x_proj and out_proj, mamba_use_bias_in_conv (default true) on the conv."""
+    N, K, R = 16, 4, math.ceil(h / 16)
+    E = c.get("intermediate_size") or int((c.get("expansion_factor") or 2) * h)
+    lin_bias, conv_bias = c.get("mamba_use_bias_in_linears", False), c.get("mamba_use_bias_in_conv", True)
+    in_proj = h * 2 * E + (2 * E if lin_bias else 0)
+    conv = E * K + (E if conv_bias else 0)
+    x_proj = E * (R + 2 * N) + (R + 2 * N if lin_bias else 0)
+    dt_proj = R * E + E
+    a_log, d_skip = E * N, E
+    out_proj = E * h + (h if lin_bias else 0)
+    return in_proj + conv + x_proj + dt_proj + a_log + d_skip + out_proj
 
 
 def neox_parameters(cfg: dict, vocab: int) -> int:
@@ -92,7 +116,11 @@ def neox_parameters(cfg: dict, vocab: int) -> int:
     layernorm = c.get("norm", "layernorm") == "layernorm"
     norm = h * (2 if layernorm and c.get("use_bias_in_norms", True) else 1)
     head = padded * h if c.get("no_weight_tying", False) else 0
-    return embedding + layers * (attention + mlp + 2 * norm) + norm + head
+    types = neox_layer_types(c)
+    assert len(types) == layers
+    mamba = types.count("mamba")
+    blocks = (layers - mamba) * (attention + mlp + 2 * norm) + mamba * (neox_mamba_layer(c, h) + norm)
+    return embedding + blocks + norm + head
 
 
 def all_configs() -> list[str]:
@@ -180,3 +208,43 @@ def test_llemma_lists_every_problem_at_once():
     lines = err.splitlines()
     assert rc == 2
     assert any("'warmup_iters'" in ln for ln in lines) and any("'decay_lr_to'" in ln for ln in lines)
+
+
+def test_mamba_130m_without_position_embeddings_is_the_published_mamba_130m():
+    """state-spaces/mamba-130m: 129,135,360 parameters (vocabulary 50280 padded to a multiple of 8, no position
+    embeddings, tied head). GPT-NeoX's config adds learned position embeddings (its pos_emb default)."""
+    args = load([str(DATA / "mamba/mamba-130M.yml")], sets=["vocab_size=50280", "vocab_file=null", "merge_file=null",
+                                                            "make_vocab_size_divisible_by=8", "pos_emb=none"])
+    assert args.ignored_keys.count("mamba_selective_scan_fusion") == 1
+    assert dryrun.summarize(args)["parameters"] == 129_135_360
+
+
+@pytest.mark.parametrize("sets", [["mamba_use_bias_in_linears=true"], ["mamba_use_bias_in_conv=false"],
+                                  ["mamba_use_bias_in_linears=true", "mamba_use_bias_in_conv=false"]])
+def test_mamba_bias_switches_plan_neox_count(sets):
+    name = "mamba/mamba-130M.yml"
+    args = plan(name, sets)
+    raw = yaml.safe_load((DATA / name).read_text())
+    raw.update({k: v == "true" for k, v in (s.split("=") for s in sets)})
+    section = args.mixer_args("mamba")
+    assert section["bias"] == section["x_proj_bias"] == raw.get("mamba_use_bias_in_linears", False)
+    assert section["conv_bias"] == raw.get("mamba_use_bias_in_conv", True)
+    assert dryrun.summarize(args)["parameters"] == neox_parameters(raw, PLANNED[name])
+
+
+@pytest.mark.parametrize("sets,pattern", [
+    (["mamba_selective_fp32_params=true"], r"mamba_selective_fp32_params: true; keeping A_log and D in fp32"),
+    (["mamba_use_bias_in_conv=false", "mamba={conv_bias: true}"],
+     r"mamba_use_bias_in_conv: false contradicts mamba.conv_bias: true; keep one"),
+    (["mamba_inner_func_fusion=3"], r"mamba_inner_func_fusion: 3; use true or false"),
+])
+def test_mamba_switch_problems_are_one_line_each(sets, pattern):
+    rc, out, err = run_cli([str(DATA / "mamba/mamba-130M.yml"), "--dry-run",
+                            *sum((["--set", s] for s in plan_sets(GPT2_VOCAB) + sets), [])])
+    assert rc == 2 and "Traceback" not in out + err
+    assert any(__import__("re").search(pattern, ln) for ln in err.splitlines()), err
+
+
+def test_mamba_fp32_params_in_an_fp32_run_changes_nothing():
+    args = plan("mamba/mamba-130M.yml", ["mamba_selective_fp32_params=true", "fp16={enabled: false}"])
+    assert "mamba_selective_fp32_params" in args.ignored_keys

@@ -1,4 +1,5 @@
-"""The Zoology-paper scale configs (`configs/neox/{arch}_{scale}.yml`) land within 10% of the paper's counts.
+"""The Zoology-paper scale configs (`configs/neox/{arch}_{scale}.yml`) land within 10% of the paper's counts,
+the recall-efficient mixers' configs (Based, GLA, gated DeltaNet, Mamba) within 5% of their papers'.
 
 Counts come from the `--dry-run` summary (model built on the meta device, no weights). Cells without a
 paper figure (BaseConv 70M; BaseConv, H3, RWKV, long conv at 1.4B) use the scale's attention figure.
@@ -29,6 +30,17 @@ PAPER_M = {
 TOLERANCE = 0.10
 CASES = [(a, s) for s in SCALES for a in ARCHS]
 
+# The recall-efficient mixers that followed Zoology, against their own papers' sizes in millions (Based 360M /
+# 1.3B, GLA 340M / 1.3B, gated DeltaNet 1.3B, Mamba 1.4B = state-spaces/mamba-1.4b's 1372M; 360M where a paper
+# has no such size), within 5%.
+RECALL_M = {
+    ("based", "360m"): 360, ("gla", "360m"): 360, ("gated_deltanet", "360m"): 360, ("mamba", "360m"): 360,
+    ("based", "1.4b"): 1300, ("gla", "1.4b"): 1300, ("gated_deltanet", "1.4b"): 1300, ("mamba", "1.4b"): 1372,
+}
+RECALL_TOLERANCE = 0.05
+# the layer types each recall config builds (Based is a hybrid, as in its paper)
+RECALL_TYPES = {"based": {"based", "sliding_window", "baseconv"}}
+
 
 def target_m(arch: str, scale: str) -> float:
     paper = PAPER_M[scale][arch]
@@ -53,6 +65,16 @@ def test_parameters_match_paper(arch, scale):
     assert s["flops_per_token"] > 0
 
 
+@pytest.mark.parametrize("arch,scale", sorted(RECALL_M), ids=[f"{a}_{s}" for a, s in sorted(RECALL_M)])
+def test_recall_configs_match_published_sizes(arch, scale):
+    s = dry_run(arch, scale)
+    got_m, want_m = s["parameters"] / 1e6, RECALL_M[arch, scale]
+    assert abs(got_m / want_m - 1) <= RECALL_TOLERANCE, (
+        f"{arch}_{scale}.yml: {got_m:.1f}M parameters, published {want_m}M (ratio {got_m / want_m:.3f})")
+    assert set(s["layer_types"]) == RECALL_TYPES.get(arch, {arch})
+    assert s["flops_per_token"] > 0
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_70m_builds_with_short_cpu_override(arch):
     args = load([config_path(arch, "70m")], sets=["seq_length=64", "bf16={enabled: false}"], world_size=1)
@@ -69,6 +91,11 @@ def markdown_table() -> str:
         want_m = target_m(arch, scale)
         paper_txt = f"{paper:g}" if paper is not None else f"— (target {want_m:g})"
         rows.append(f"| `{arch}_{scale}.yml` | {got_m:.1f} | {paper_txt} | {got_m / want_m:.3f} | "
+                    f"{s['flops_per_token'] / 1e9:.3f} |")
+    for arch, scale in sorted(RECALL_M, key=lambda c: (c[1], c[0])):
+        s = dry_run(arch, scale)
+        got_m, want_m = s["parameters"] / 1e6, RECALL_M[arch, scale]
+        rows.append(f"| `{arch}_{scale}.yml` | {got_m:.1f} | {want_m:g} (its paper) | {got_m / want_m:.3f} | "
                     f"{s['flops_per_token'] / 1e9:.3f} |")
     return "\n".join(rows) + "\n"
 

@@ -1,4 +1,4 @@
-"""`python -m eval.mqar generate ...` and `python -m eval.mqar sweep ...` (see eval/mqar/configs.py)."""
+"""`python -m eval.mqar generate ...`, `... sweep ...` (see eval/mqar/configs.py) and `... plot ...` (state_plot.py)."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,11 @@ def parse(argv=None):
     g.add_argument("--filler", choices=("zero", "random"), default="zero")
     g.add_argument("--out", required=True)
 
+    q = sub.add_parser("plot", help="MQAR accuracy vs inference state bytes, one point per (mixer, width): PNG + JSON")
+    q.add_argument("--results", nargs="+", required=True, help="sweep result JSONs")
+    q.add_argument("--seq-len", type=int, default=64, help="the length whose cells are plotted (default 64)")
+    q.add_argument("--out", required=True, help="PNG; the points go to the same name with .json")
+
     s = sub.add_parser("sweep", help="train 2-layer models per (mixer, length, width, lr); best accuracy per cell")
     s.add_argument("--config", default="cpu", help="named settings: paper | cpu | smoke (flags below override)")
     s.add_argument("--mixers", default=None, help="comma-separated layer-type patterns, e.g. attention,baseconv,"
@@ -38,6 +43,8 @@ def parse(argv=None):
     s.add_argument("--vocab-size", type=int, default=None)
     s.add_argument("--steps", type=int, default=None, help="steps per run with fresh examples")
     s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--mixer-args", default=None, help="JSON {layer type: {key: value}} over the registry's "
+                   "defaults, e.g. '{\"gla\": {\"conv_size\": 4}}' (recorded per cell)")
     s.add_argument("--out", required=True, help="results JSON (finished cells are cached there: rerun to resume)")
     s.add_argument("--plot", default=None, help="PNG (default: beside --out)")
     s.add_argument("--workers", type=int, default=1, help="processes, one cell each")
@@ -70,6 +77,22 @@ def sweep_config(ns) -> dict:
         cfg["train_examples"] = 0
     if ns.batch_size:
         cfg["batch_size"] = ns.batch_size
+    if ns.mixer_args:
+        try:
+            extra = json.loads(ns.mixer_args)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--mixer-args: {ns.mixer_args!r} is not JSON ({exc.msg}); write e.g. "
+                             '\'{"gla": {"conv_size": 4}}\'') from None
+        if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+            raise ValueError(f"--mixer-args: {ns.mixer_args!r}; give a mapping of layer type to a mapping of keys")
+        from neox_zoology import registry
+
+        for name, args in extra.items():
+            try:
+                registry.resolve_args(name, args)
+            except KeyError as exc:
+                raise ValueError(f"--mixer-args: {exc.args[0]}") from None
+            cfg["mixer_args"].setdefault(name, {}).update(args)
     cfg["device"] = ns.device
     return cfg
 
@@ -90,6 +113,21 @@ def main(argv=None) -> int:
         return 0
     from pathlib import Path
 
+    if ns.cmd == "plot":
+        from eval.mqar.state_plot import plot
+
+        missing = [r for r in ns.results if not Path(r).exists()]
+        if missing:
+            print(f"error: --results: {', '.join(missing)} not found; give sweep result JSONs", file=sys.stderr)
+            return 2
+        try:
+            res = plot(ns.results, ns.out, str(Path(ns.out).with_suffix(".json")), ns.seq_len)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for p in res["points"]:
+            print(f"{p['mixer']:<40} d={p['d_model']:<4} state {p['state_bytes']:>10,} B  accuracy {100 * p['accuracy']:.1f}%")
+        return 0
     from eval.mqar.sweep import markdown_table, sweep
 
     try:

@@ -15,7 +15,8 @@ pilot cells), BaseConv and Hyena only 3e-3 (their better rate in every pilot cel
 run (5,000 at L=128, where attention at d=64 was still rising at 2,000), early stopping at 99% test
 accuracy, and a width is not run for a mixer and length that already reached 99% at a smaller width
 (the question is the width each mixer needs; attention and the hybrids solve every length at d=64).
-H3 and RWKV are left to the
+The recurrences that followed Zoology (Mamba, Based, GLA, gated
+DeltaNet) use the default rates (1e-3 then 3e-3). H3 and RWKV are left to the
 `paper` sweep (the slowest mixers on CPU). Cells run in the order that answers the questions first:
 attention and the hybrids at d=64 for every length, then BaseConv length by length over all widths,
 then Hyena the same way, then the rest (attention and the hybrids at larger widths).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import copy
 
 GATED_CONVS = ["baseconv", "hyena", "h3"]
+RECALL = ["mamba", "based", "gla", "gated_deltanet"]  # the input-dependent recurrences that followed Zoology
 ATTENTION_HYBRID = "baseconv+attention"
 HYBRID = "baseconv+sparse_programmatic"
 
@@ -55,7 +57,7 @@ CPU = {
     "vocab_size": {"32": 64, "64": 96, "128": 160},  # V = L + 32
     "lengths": [[32, 2], [64, 4], [128, 8]],
     "d_models": [64, 128, 256],
-    "mixers": ["attention", "baseconv", "hyena", ATTENTION_HYBRID, HYBRID],
+    "mixers": ["attention", "baseconv", "hyena", ATTENTION_HYBRID, HYBRID, *RECALL],
     "lrs": {"default": [1e-3, 3e-3], "baseconv": [3e-3], "hyena": [3e-3],
             ATTENTION_HYBRID: [3e-3, 1e-3], HYBRID: [3e-3, 1e-3]},
     "batch_size": {"32": 64, "64": 64, "128": 32},

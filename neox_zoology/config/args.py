@@ -51,7 +51,7 @@ def _doc(text: str, default: Any = MISSING, factory: Any = MISSING, **rule):
     return field(default=default, metadata=meta)
 
 
-_INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init")
+_INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "single_residual_scaled_normal")
 GATED_ACTIVATIONS = ("geglu", "reglu", "swiglu", "bilinear", "glu")
 ACTIVATIONS = ("gelu", "relu", "silu", "swish", "softsign", "mish", *GATED_ACTIVATIONS)
 

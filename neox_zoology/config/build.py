@@ -9,7 +9,7 @@ from neox_zoology import registry
 from neox_zoology.config.args import ARG_FIELDS, ARG_RULES, Args
 from neox_zoology.config.merge import expand_attention_config
 from neox_zoology.config.neox_keys import (NEOX_LAYER_TYPES, NEOX_NO_EFFECT, NEOX_NO_EFFECT_ONLY_AT_DEFAULT,
-                                          NEOX_PARTITION_DEFAULTS, NEOX_REFUSED, neox_inert)
+                                          NEOX_PARTITION_DEFAULTS, NEOX_REFUSED, neox_inert, neox_mamba_keys)
 from neox_zoology.config.schema import ConfigError, normalize_key, show_value
 from neox_zoology.config.sections import FP16
 from neox_zoology.config.validate import validate_args
@@ -41,6 +41,7 @@ def build_args(raw: dict, source: dict | None = None, world_size: int | None = N
         raw.setdefault("use_bias_in_mlp", raw["mlp_bias"])
         source.setdefault("use_bias_in_mlp", source.get("mlp_bias", "config"))
         del raw["mlp_bias"]
+    problems += neox_mamba_keys(raw, where, args.ignored_keys)
     for key, value in raw.items():
         try:
             if key in ARG_RULES:

@@ -3,7 +3,8 @@ only at their GPT-NeoX default, refused with the reason and the fix; and GPT-Neo
 a different model. docs/config-keys.md lists them for the user."""
 from __future__ import annotations
 
-from neox_zoology.config.schema import normalize_key
+from neox_zoology import registry
+from neox_zoology.config.schema import normalize_key, show_value
 
 # GPT-NeoX keys accepted for compatibility that change nothing in this stack (kernel-fusion switches,
 # launcher/logging settings handled elsewhere, features of other model families). Logged once.
@@ -70,8 +71,6 @@ _DS_LOGGING = frozenset({"comms_logger", "flops_profiler", "wall_clock_breakdown
                          "csv_monitor", "steps_per_print", "dump_state"})
 _MOE = "mixture-of-experts layers are not implemented here; remove the moe_* keys for a dense model"
 _TE = "Transformer Engine layers are not implemented here; remove the te_* keys (the plain layers compute the same)"
-_MAMBA = ("GPT-NeoX's mamba_* switches are not implemented here; remove them and set the mamba layer type's "
-          "own section (docs/layers.md)")
 NEOX_REFUSED = {
     **{k: _MOE for k in ("moe_num_experts", "moe_type", "moe_top_k", "moe_router_type", "moe_lbl_in_fp32",
                          "moe_jitter_eps", "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_min_capacity",
@@ -81,8 +80,6 @@ NEOX_REFUSED = {
     **{k: _TE for k in ("te_columnparallel", "te_rowparallel", "te_layernorm_mlp", "te_mha", "te_fp8_format",
                         "te_fp8_wgrad", "te_fp8_amax_history_len", "te_fp8_amax_compute_algo", "te_fp8_margin",
                         "te_fp8_mha", "te_fp8_use_cached_weights")},
-    **{k: _MAMBA for k in ("mamba_selective_scan_fusion", "mamba_causal_conv_fusion", "mamba_inner_func_fusion",
-                           "mamba_selective_fp32_params", "mamba_use_bias_in_conv", "mamba_use_bias_in_linears")},
     "expansion_factor": "GPT-NeoX's expansion_factor is not implemented here; give intermediate_size instead",
     "use_qk_layernorm": "query/key LayerNorm is not implemented here; remove it (or set false)",
     "deepspeed_extra_args": "extra DeepSpeed settings are not passed on here (only its logging sections are "
@@ -113,3 +110,49 @@ def neox_inert(key: str, value, raw: dict) -> bool:
     if key == "deepspeed_extra_args" and isinstance(value, dict):
         return set(map(normalize_key, value)) <= _DS_LOGGING
     return value is None or value is False or value == {} or value == []
+
+
+# GPT-NeoX's mamba_* keys. The kernel switches choose CUDA kernels for the same math: accepted, no effect.
+NEOX_MAMBA_FUSION = ("mamba_selective_scan_fusion", "mamba_causal_conv_fusion", "mamba_inner_func_fusion")
+
+
+def neox_mamba_keys(raw: dict, where, ignored: list) -> list[str]:
+    """Moves GPT-NeoX's mamba_* keys out of `raw`: bias switches into the layer type's section, kernel switches and
+    mamba_selective_fp32_params (where it changes nothing) into `ignored`; returns the problems."""
+    problems = []
+    for key in NEOX_MAMBA_FUSION:
+        if key in raw:
+            value = raw.pop(key)
+            if isinstance(value, bool):
+                ignored.append(key)
+            else:
+                problems.append(f"{where(key)}: {key}: {show_value(value)}; use true or false (a kernel choice, no effect)")
+    for name in registry.names():  # bias switches: keys of a layer type's section (MixerSpec.neox_keys)
+        for key, targets in registry.get(name).neox_keys.items():
+            if key not in raw:
+                continue
+            value, section = raw.pop(key), raw.get(name)
+            if not isinstance(value, bool):
+                problems.append(f"{where(key)}: {key}: {show_value(value)}; use true or false")
+                continue
+            section = {} if section is None else section
+            if not isinstance(section, dict):
+                continue  # the section's own error is reported where it is read
+            clash = [t for t in targets if t in section and section[t] != value]
+            if clash:
+                problems.append(f"{where(key)}: {key}: {show_value(value)} contradicts {name}.{clash[0]}: "
+                                f"{show_value(section[clash[0]])}; keep one")
+            raw[name] = {**section, **{t: value for t in targets}}
+    if "mamba_selective_fp32_params" in raw:
+        key, value = "mamba_selective_fp32_params", raw.pop("mamba_selective_fp32_params")
+        half = raw.get("precision") in ("fp16", "bfloat16") or any(
+            isinstance(raw.get(k), dict) and raw[k].get("enabled") for k in ("fp16", "bf16"))
+        if not isinstance(value, bool):
+            problems.append(f"{where(key)}: {key}: {show_value(value)}; use true or false")
+        elif value and half:
+            problems.append(f"{where(key)}: {key}: true; keeping A_log and D in fp32 while DeepSpeed casts the model "
+                            f"to fp16/bf16 is not implemented here; set it to false (they are then stored in the "
+                            f"run's precision, the scan still computes in fp32) or train in fp32")
+        else:
+            ignored.append(key)  # false, or an fp32 run: every parameter is fp32 anyway
+    return problems

@@ -142,11 +142,11 @@ def validate_args(args: Args, where) -> None:
             setattr(args, weights_key, [1.0] * len(paths))  # GPT-NeoX's default: equal weights
     # shapes and parallel sizes
     d, heads, tp = args.hidden_size, args.num_attention_heads, args.tp
-    if d % heads:
+    uses_heads = any(registry.get(t).tp_split == "heads" for t in args.layer_types)
+    if d % heads and uses_heads:  # GPT-NeoX skips this check for Mamba models, whose layers have no heads
         raise ConfigError(f"{where('hidden_size')}: hidden_size {d} is not divisible by num_attention_heads {heads}")
     if d % tp:
         raise ConfigError(f"{where('model_parallel_size')}: hidden_size {d} is not divisible by model_parallel_size {tp}")
-    uses_heads = any(registry.get(t).tp_split == "heads" for t in args.layer_types)
     if uses_heads and heads % tp:
         raise ConfigError(
             f"{where('model_parallel_size')}: num_attention_heads {heads} is not divisible by model_parallel_size {tp}"

@@ -22,7 +22,7 @@ from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer
 from neox_zoology.parallel import ColumnLinear, RowLinear, copy_to_tp, tp_rank, tp_size
 from neox_zoology.parallel.cpu_compat import tp_region_rng
-from neox_zoology.registry import MixerSpec, is_number, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, is_number, register
 
 
 class Rotary(nn.Module):
@@ -183,6 +183,13 @@ _GLOBALS = ("pos_emb", "rotary_pct", "rotary_emb_base", "num_kv_heads", "sliding
 _DEFAULTS = {"pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": 10000.0, "num_kv_heads": None,
              "sliding_window_width": None}
 
+def _state_bytes(shape, args, seq_len):
+    """The KV cache: keys and values of the last min(L, window) positions (all of them without a window)."""
+    window = args.get("window") or args.get("sliding_window_width") or seq_len
+    kv = (args.get("num_kv_heads") or shape.num_attention_heads) / shape.num_attention_heads
+    return 2.0 * min(seq_len, window) * shape.hidden_size * kv * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="attention",
@@ -193,6 +200,7 @@ register(
         tp_split="heads",
         flops=_flops,
         validate=validate_attention,
+        state_bytes=_state_bytes,
         doc="causal multi-head attention (SDPA) with rotary embeddings",
     )
 )
@@ -206,6 +214,7 @@ register(
         tp_split="heads",
         flops=_flops,
         validate=lambda shape, args: validate_attention(shape, args, need_window=True),
+        state_bytes=_state_bytes,
         doc="causal attention over the last `window` positions",
     )
 )

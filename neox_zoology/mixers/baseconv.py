@@ -22,7 +22,7 @@ from neox_zoology.mixers.base import Mixer, column_linear_channels_first, local_
 from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.mixers.filters import FILTER_INITS, ExplicitLongFilter, ImplicitLongFilter, ShortFilter
 from neox_zoology.parallel import ColumnLinear, copy_to_tp, gather_from_tp, tp_slice
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, register
 
 
 class BaseConv(Mixer):
@@ -124,6 +124,12 @@ def _flops(shape, args):
     return f
 
 
+def _state_bytes(shape, args, seq_len):
+    """A short filter of k taps keeps the last k - 1 inputs; a long filter the whole input history."""
+    k = args.get("kernel_size", args.get("kernel_sizes", [3])[0])
+    return (k - 1 if 0 < k <= seq_len else seq_len) * shape.hidden_size * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="baseconv",
@@ -141,6 +147,7 @@ register(
         flops=_flops,
         validate=_validate,
         per_layer=_per_layer,
+        state_bytes=_state_bytes,
         doc="Zoology BaseConv: y = conv(u) * (W u + b) + u; short/implicit-long/explicit-long filters per layer",
     )
 )

@@ -57,7 +57,7 @@ from neox_zoology.mixers.base import (Mixer, column_linear_channels_first, exclu
                                       row_linear_channels_first)
 from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_size, tp_slice
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, register
 
 DT_MIN, DT_MAX = 1e-3, 1e-1
 DISCRETIZATIONS = ("bilinear", "zoh")
@@ -212,6 +212,12 @@ def _notices(args) -> list[str]:
             "train H3 in fp32 where fidelity to fp32 matters (README, Fast paths)"]
 
 
+def _state_bytes(shape, args, seq_len):
+    """Shift SSM: the last N keys per channel; diagonal SSM: N per (i, j) pair of each head (d x head_dim)."""
+    d, N, P = shape.hidden_size, args["d_state"], args["head_dim"]
+    return (d * N + d * P * N) * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="h3",
@@ -220,6 +226,7 @@ register(
         # whole heads of head_dim channels; not num_attention_heads, which "heads" would make config check
         tp_split="channels",
         flops=_flops,
+        state_bytes=_state_bytes,
         validate=_validate,
         notices=_notices,
         doc="H3: y = W_o sum_i q_i * (SSM_diag * (shift_SSM(k)_i v) + D ...); S4D-Lin diagonal SSM, heads split",

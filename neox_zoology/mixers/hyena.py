@@ -51,7 +51,7 @@ from neox_zoology.mixers.base import (Mixer, column_linear_channels_first, exclu
 from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.mixers.filters import FILTER_INITS, ShortFilter, filter_linear_init, positional_features
 from neox_zoology.parallel import ColumnLinear, RowLinear, copy_to_tp, mark_tp_param, tp_size, tp_slice
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, register
 
 
 class Sin(nn.Module):
@@ -179,6 +179,12 @@ def _flops(shape, args):
     return f
 
 
+def _state_bytes(shape, args, seq_len):
+    """The long filter's whole input history plus the short filter's last taps on the 3d projections."""
+    d = shape.hidden_size
+    return (seq_len * d + (args["short_filter_order"] - 1) * 3 * d) * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="hyena",
@@ -187,6 +193,7 @@ register(
                   "filter_init": "normal", "train_pos_emb": True},
         tp_split="channels",
         flops=_flops,
+        state_bytes=_state_bytes,
         validate=_validate,
         doc="Hyena order 2: y = out_proj(x2 * (h * (x1 v) + D x1 v)), implicit Sin-MLP filter with decay window",
     )

@@ -30,7 +30,7 @@ from neox_zoology.mixers.base import Mixer, full_then_local, local_channels, row
 from neox_zoology.mixers.fftconv import fft_causal_conv
 from neox_zoology.mixers.filters import ExplicitLongFilter
 from neox_zoology.parallel import RowLinear, copy_to_tp, mark_tp_param, tp_slice
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, register
 
 
 class LongConv(Mixer):
@@ -80,6 +80,11 @@ def _flops(shape, args):
     return flops.fft_conv(d, shape.seq_length) + flops.linear(d, 2 * d if args["glu"] else d)
 
 
+def _state_bytes(shape, args, seq_len):
+    """A filter as long as the sequence: the whole input history."""
+    return seq_len * shape.hidden_size * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="long_conv",
@@ -88,6 +93,7 @@ register(
         tp_split="channels",
         flops=_flops,
         validate=_validate,
+        state_bytes=_state_bytes,
         doc="long convolution baseline: y = GLU(W_o gelu(squash(K) * u + D u)), explicit filter K per channel",
     )
 )

@@ -57,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer, full_then_local
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_slice
-from neox_zoology.registry import MixerSpec, not_in_configs, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, not_in_configs, register
 
 EMPTY = -1e30
 """Log-scale of an empty sum: finite, so that differences of scales never become inf - inf."""
@@ -239,6 +239,11 @@ def _flops(shape, args):
     return 4 * flops.linear(d, d) + 4.0 * (args["wkv_chunk"] + 1) * d
 
 
+def _state_bytes(shape, args, seq_len):
+    """Time mix: numerator, denominator and running maximum per channel, plus the previous input (token shift)."""
+    return 4.0 * shape.hidden_size * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="rwkv",
@@ -247,6 +252,7 @@ register(
         defaults={"wkv_chunk": 4, "projection_init": "kaiming_uniform"},
         tp_split="channels",
         flops=_flops,
+        state_bytes=_state_bytes,
         validate=_validate,
         mlp=ChannelMix,
         doc="RWKV-4 time mix (exact chunked WKV, no length limit) with the channel mix as the block's MLP",

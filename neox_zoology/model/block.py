@@ -1,7 +1,8 @@
 """A layer: pre-norm residual block around a registered mixer and an MLP.
 
     x = x + mixer(norm1(x));  x = x + mlp(norm2(x))        (or, with gpt_j_residual,
-    x = x + mixer(norm1(x)) + mlp(norm2(x)))
+    x = x + mixer(norm1(x)) + mlp(norm2(x)));  x = x + mixer(norm1(x)) where the type's
+    `MixerSpec.has_mlp` says the block has no MLP
 
 Activations are sequence-first [s, b, h] as in megatron-core. Pipeline layers pass the tuple
 (hidden, token_ids): token ids ride along so that mixers which select positions from raw tokens can
@@ -224,10 +225,14 @@ class ZooBlock(nn.Module):
             config, layer_number, seq_length=args.seq_length,
             **spec.per_layer(args.mixer_args(layer_type), occurrence),
         )
-        self.post_norm = build_norm(args)
+        self.has_mlp = spec.has_mlp(args.mixer_args(layer_type))
+        """False: norm + mixer only (no MLP and no second norm), as the type's section asks."""
+        self.post_norm = build_norm(args) if self.has_mlp else None
         self.compiled = bool(getattr(args, "compile", False)) and compile_mixer(self.mixer)
         """Whether the mixer runs compiled (`compile: true` and the mixer supports it)."""
-        if spec.mlp is not None:
+        if not self.has_mlp:
+            self.mlp = None
+        elif spec.mlp is not None:
             self.mlp = spec.mlp(config, layer_number)
         else:
             self.mlp = MLP(config, args.mlp_width, args.gated_mlp, args.use_bias_in_mlp, args.activation,
@@ -245,7 +250,9 @@ class ZooBlock(nn.Module):
         m, bias = self.mixer(self.input_norm(x), token_ids=token_ids if self.needs_token_ids else None)
         if bias is not None:
             m = m + bias
-        if self.parallel_residual:
+        if self.mlp is None:
+            x = x + self.dropout(m)
+        elif self.parallel_residual:
             x = x + self.dropout(m) + self.dropout(self.mlp(self.post_norm(x)))
         else:
             x = x + self.dropout(m)

@@ -7,7 +7,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal, scaled_init_method_normal
 
-INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init")
+INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "single_residual_scaled_normal")
 
 
 def init_method(name: str, hidden_size: int, num_layers: int, std: float):
@@ -16,6 +16,8 @@ def init_method(name: str, hidden_size: int, num_layers: int, std: float):
         return init_method_normal(std)
     if name == "scaled_normal":
         return scaled_init_method_normal(std, num_layers)
+    if name == "single_residual_scaled_normal":  # std / sqrt(L): one residual branch per layer (GPT-NeoX's Mamba)
+        return init_method_normal(std / math.sqrt(num_layers))
     if name == "small_init":  # Nguyen & Salazar: sqrt(2 / (5 d))
         return init_method_normal(math.sqrt(2.0 / (5.0 * hidden_size)))
     if name == "wang_init":  # 2 / (L sqrt(d))

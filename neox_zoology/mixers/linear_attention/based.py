@@ -26,7 +26,7 @@ from neox_zoology.mixers.linear_attention.common import (ShortConv, check_heads,
 from neox_zoology.mixers.linear_attention.kernels import (chunked_linear_attention, compute_dtype,
                                                            linear_attention_step)
 from neox_zoology.parallel import ColumnLinear, RowLinear, tp_size
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, register
 
 
 def taylor_features(x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +112,13 @@ def _flops(shape, args):
     return f + heads * (2.0 * min(C, shape.seq_length) * (D + P) + 4.0 * D * P)
 
 
+def _state_bytes(shape, args, seq_len):
+    """S [H, 1 + F + F^2, P + 1] per head (values and normaliser), plus the short convs' last taps."""
+    d, H, Fd = shape.hidden_size, args["num_heads"] or shape.num_attention_heads, args["feature_dim"]
+    conv = max(args["conv_size"] - 1, 0) * (2 * H * Fd + d)
+    return (H * (1 + Fd + Fd * Fd) * (d // H + 1) + conv) * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="based",
@@ -120,6 +127,7 @@ register(
         tp_split="heads",
         flops=_flops,
         validate=_validate,
+        state_bytes=_state_bytes,
         doc="Based: normalised linear attention with the 2nd-order Taylor feature map (16 per head), chunked",
     )
 )

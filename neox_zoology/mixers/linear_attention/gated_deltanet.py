@@ -29,7 +29,7 @@ from neox_zoology.mixers.linear_attention.common import (HeadRMSNorm, ShortConv,
 from neox_zoology.mixers.linear_attention.kernels import (chunked_gated_delta_rule, compute_dtype,
                                                            gated_delta_rule_step)
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_size, tp_slice
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, register
 
 L2_EPS = 1e-6
 
@@ -146,6 +146,14 @@ def _flops(shape, args):
     return f + H * (4.0 * C * K + C * (K + V) + 2.0 * C * V + 6.0 * K * V)
 
 
+def _state_bytes(shape, args, seq_len):
+    """S [H, K, V] per head, plus the short convs' last taps on q, k, v."""
+    d, H = shape.hidden_size, args["num_heads"] or shape.num_attention_heads
+    K = d // H
+    V = int(K * args["expand_v"])
+    return (H * K * V + max(args["conv_size"] - 1, 0) * H * (2 * K + V)) * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="gated_deltanet",
@@ -155,6 +163,7 @@ register(
         tp_split="heads",
         flops=_flops,
         validate=_validate,
+        state_bytes=_state_bytes,
         doc="gated DeltaNet: delta rule with a scalar decay per head, short convs, L2-normalised q/k, chunked",
     )
 )

@@ -26,7 +26,7 @@ from neox_zoology.mixers.linear_attention.common import (HeadRMSNorm, ShortConv,
 from neox_zoology.mixers.linear_attention.kernels import (chunked_linear_attention, compute_dtype,
                                                            linear_attention_step)
 from neox_zoology.parallel import ColumnLinear, RowLinear, tp_size
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, register
 
 
 class GLA(Mixer):
@@ -120,6 +120,14 @@ def _flops(shape, args):
     return f + H * (2.0 * C * (2 * K + V) + 4.0 * K * V)
 
 
+def _state_bytes(shape, args, seq_len):
+    """S [H, K, V] per head, plus the short convs' last taps on q, k, v."""
+    d, H = shape.hidden_size, args["num_heads"]
+    kd, vd = int(d * args["expand_k"]), int(d * args["expand_v"])
+    conv = max(args["conv_size"] - 1, 0) * (2 * kd + vd)
+    return (H * (kd // H) * (vd // H) + conv) * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="gla",
@@ -129,6 +137,7 @@ register(
         tp_split="heads",
         flops=_flops,
         validate=_validate,
+        state_bytes=_state_bytes,
         doc="gated linear attention: per-key-channel data-dependent decay, RMSNorm-swish output gate, chunked",
     )
 )

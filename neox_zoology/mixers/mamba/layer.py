@@ -13,6 +13,8 @@ Initialisation as the reference (state-spaces/mamba `Mamba`, zoology `Mamba`): A
 channel (S4D-real), D = 1, W_dt uniform +-dt_scale R^-1/2 ("random") or constant, b_dt = softplus^-1
 of dt log-uniform in [dt_min, dt_max] floored at dt_init_floor; the other projections start as the
 model's linear layers (init_method, W_o output_layer_init_method). A_log, D and b_dt get no weight decay.
+`bias`: W_x, W_z, W_o biases; `x_proj_bias`: W_xp's. The block is norm + Mamba only (`mlp: true` adds the
+MLP; MixerSpec.has_mlp reads it, the module ignores it). Derivations: docs/recall-mixers.md.
 Tensor parallelism: inner channels split. W_x, W_z, W_dt column-parallel; W_xp row-parallel (dt_in,
 B, C summed over ranks, then shared); W_o row-parallel.
 """
@@ -31,7 +33,7 @@ from neox_zoology.mixers.linear_attention.gated_deltanet import inverse_softplus
 from neox_zoology.mixers.linear_attention.kernels import compute_dtype
 from neox_zoology.mixers.mamba.scan import selective_scan, selective_scan_step
 from neox_zoology.parallel import ColumnLinear, RowLinear, copy_to_tp, mark_tp_param, tp_slice
-from neox_zoology.registry import MixerSpec, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, register
 
 DT_INITS = ("random", "constant")
 
@@ -40,7 +42,8 @@ class Mamba(Mixer):
     def __init__(self, config, layer_number: int = 1, *, seq_length: int, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, dt_rank: int = 0, dt_min: float = 1e-3, dt_max: float = 1e-1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
-                 bias: bool = False, chunk_size: int = 32, **stack_kwargs):
+                 bias: bool = False, x_proj_bias: bool = False, chunk_size: int = 32, mlp: bool = False,
+                 **stack_kwargs):
         super().__init__(config, layer_number, **stack_kwargs)
         d, dtype = config.hidden_size, config.params_dtype
         E, R = expand * d, dt_rank or math.ceil(d / 16)
@@ -48,7 +51,7 @@ class Mamba(Mixer):
         lin = dict(config=config, init_method=config.init_method, bias=bias, gather_output=False)
         self.in_x, self.in_z = ColumnLinear(d, E, **lin), ColumnLinear(d, E, **lin)
         self.conv = ShortConv(E, d_conv, bias=conv_bias, activation=True, params_dtype=dtype)
-        self.x_proj = RowLinear(E, R + 2 * d_state, config=config, init_method=config.init_method, bias=False,
+        self.x_proj = RowLinear(E, R + 2 * d_state, config=config, init_method=config.init_method, bias=x_proj_bias,
                                 input_is_parallel=True, skip_bias_add=False)
         std = dt_scale / math.sqrt(R)
         dt_weight_init = (lambda w: nn.init.uniform_(w, -std, std)) if dt_init == "random" else \
@@ -114,6 +117,8 @@ def _validate(shape, args):
     check_number(errors, "mamba", args, "dt_init_floor", "use a positive number, e.g. 1e-4")
     check_bool(errors, "mamba", args, "conv_bias")
     check_bool(errors, "mamba", args, "bias")
+    check_bool(errors, "mamba", args, "x_proj_bias")
+    check_bool(errors, "mamba", args, "mlp")
     check_int(errors, "mamba", args, "chunk_size", 1, "use a positive int, e.g. 32")
     return errors
 
@@ -125,16 +130,26 @@ def _flops(shape, args):
     return f + flops.short_conv(E, args["d_conv"]) + 4.0 * E * N  # the scan: dt x B in, C . h out
 
 
+def _state_bytes(shape, args, seq_len):
+    """h [E, N] and the conv's last d_conv - 1 inputs per inner channel."""
+    E = args["expand"] * shape.hidden_size
+    return E * (args["d_state"] + args["d_conv"] - 1) * STATE_BYTES
+
+
 register(
     MixerSpec(
         name="mamba",
         module=Mamba,
         defaults={"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": 0, "dt_min": 1e-3, "dt_max": 1e-1,
                   "dt_init": "random", "dt_scale": 1.0, "dt_init_floor": 1e-4, "conv_bias": True, "bias": False,
-                  "chunk_size": 32},
+                  "x_proj_bias": False, "chunk_size": 32, "mlp": False},
         tp_split="channels",
         flops=_flops,
         validate=_validate,
+        state_bytes=_state_bytes,
+        has_mlp=lambda args: bool(args["mlp"]),
+        # GPT-NeoX's switches: its in_proj, x_proj and out_proj share one bias switch
+        neox_keys={"mamba_use_bias_in_conv": ("conv_bias",), "mamba_use_bias_in_linears": ("bias", "x_proj_bias")},
         doc="Mamba (S6): selective scan with input-dependent dt, B, C; short conv; SiLU-gated output; chunked",
     )
 )

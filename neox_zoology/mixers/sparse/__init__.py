@@ -19,7 +19,7 @@ from neox_zoology.mixers.sparse.layers import (LearnedSparseAttention, Programma
                                                RandomSparseAttention, SparseAttention, collect_stats,
                                                set_aux_loss_scale, sparse_layers)
 from neox_zoology.mixers.sparse.selection import learned_k, programmatic_selection, selected_positions, topk_selection
-from neox_zoology.registry import MixerSpec, is_number, register
+from neox_zoology.registry import STATE_BYTES, MixerSpec, is_number, register
 
 __all__ = ["SparseAttention", "RandomSparseAttention", "ProgrammaticSparseAttention", "LearnedSparseAttention",
            "collect_stats", "set_aux_loss_scale", "sparse_layers", "programmatic_selection", "selected_positions",
@@ -106,6 +106,11 @@ def _flops_for(layer_type: str):
     return f
 
 
+def _state_bytes(shape, args, seq_len):
+    """Worst case: any past position may be selected later, so keys and values of all of them are kept."""
+    return 2.0 * seq_len * shape.hidden_size * STATE_BYTES
+
+
 _GLOBALS = ("pos_emb", "rotary_pct", "rotary_emb_base", "attention_dropout")
 _COMMON = {"pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": 10000.0, "attention_dropout": 0.0,
            "block_size": 0}
@@ -121,6 +126,7 @@ register(
         validate=_validate_random,
         before_step=set_aux_loss_scale,
         stats=collect_stats,
+        state_bytes=_state_bytes,
         doc="causal attention at positions drawn with probability p (Zoology's random-selection control)",
     )
 )
@@ -137,6 +143,7 @@ register(
         needs_token_ids=True,
         before_step=set_aux_loss_scale,
         stats=collect_stats,
+        state_bytes=_state_bytes,
         memory_note="worst case: every position selected",
         doc="causal attention at positions whose token (or bigram) already occurred earlier (raw token ids)",
     )
@@ -154,6 +161,7 @@ register(
         validate=_validate_learned,
         before_step=set_aux_loss_scale,
         stats=collect_stats,
+        state_bytes=_state_bytes,
         doc="causal attention at positions chosen by a sigmoid selector (top-k in training, threshold in "
             "evaluation) with an auxiliary sparsity loss",
     )
