@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from neox_zoology.inference.loading import (EXPORT_WEIGHTS, LoadError, checkpoint_dir, checkpoint_weights,
-                                            read_config)
+from neox_zoology.inference.loading import (EXPORT_CONFIG, EXPORT_WEIGHTS, LoadError, checkpoint_dir,
+                                            checkpoint_weights, read_config, read_json)
 from neox_zoology.inference.model import InferenceModel, state_bytes
 
 __all__ = ["load", "build", "InferenceModel", "LoadError", "state_bytes", "inference_args"]
@@ -67,7 +67,7 @@ def load(path, dtype: torch.dtype = torch.float32) -> InferenceModel:
     if (ckpt / EXPORT_WEIGHTS).exists():
         from safetensors.torch import load_file
 
-        weights = load_file(str(ckpt / EXPORT_WEIGHTS))
+        weights = {**load_file(str(ckpt / EXPORT_WEIGHTS)), **read_json(ckpt / EXPORT_CONFIG).get("extra_state", {})}
     else:
         def weights(shapes):  # the TP = 1 model's shapes: model.json records the saving rank's shard shapes
             return checkpoint_weights(Path(ckpt), shapes)

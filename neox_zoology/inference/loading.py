@@ -67,6 +67,11 @@ def _torch_load(path: Path) -> dict:
                         f"written by this project") from None
 
 
+def _kept(key: str, value) -> bool:
+    """Tensors, and the plain extra states some layers keep (e.g. a sparse layer's selection seed)."""
+    return torch.is_tensor(value) or (key.endswith("_extra_state") and isinstance(value, dict))
+
+
 def read_shards(ckpt: Path) -> dict[str, list[torch.Tensor]]:
     """name (SequentialGPT's `layers.<i>.<name>`) -> the TP shards of that tensor, in rank order."""
     shards: dict[str, dict[int, torch.Tensor]] = {}
@@ -75,7 +80,7 @@ def read_shards(ckpt: Path) -> dict[str, list[torch.Tensor]]:
         for f in pipe:
             layer, rank = map(int, _PIPE.search(f.name).groups())
             for k, v in _torch_load(f).items():
-                if torch.is_tensor(v):
+                if _kept(k, v):
                     shards.setdefault(f"layers.{layer}.{k}", {})[rank] = v
     else:
         plain = sorted(p for p in ckpt.iterdir() if _PLAIN.search(p.name))
@@ -88,7 +93,7 @@ def read_shards(ckpt: Path) -> dict[str, list[torch.Tensor]]:
             if not isinstance(module, dict):
                 raise LoadError(f"{f}: holds no model weights ('module' is empty); the checkpoint is incomplete")
             for k, v in module.items():
-                if torch.is_tensor(v):
+                if _kept(k, v):
                     shards.setdefault(k, {})[rank] = v
     return {k: [by_rank[r] for r in sorted(by_rank)] for k, by_rank in shards.items()}
 
@@ -96,7 +101,7 @@ def read_shards(ckpt: Path) -> dict[str, list[torch.Tensor]]:
 def merge(name: str, parts: list[torch.Tensor], full: list[int]) -> torch.Tensor:
     """One full tensor from its TP shards (see the module docstring)."""
     first = parts[0]
-    if list(first.shape) == list(full):
+    if not torch.is_tensor(first) or list(first.shape) == list(full):
         return first
     dims = [i for i, (a, b) in enumerate(zip(first.shape, full)) if a != b]
     if len(dims) != 1 or first.dim() != len(full) or first.shape[dims[0]] * len(parts) != full[dims[0]]:
@@ -108,11 +113,12 @@ def merge(name: str, parts: list[torch.Tensor], full: list[int]) -> torch.Tensor
 def checkpoint_weights(ckpt: Path, shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     """The full (TP- and PP-merged) state dict of a checkpoint for a model with these full shapes."""
     shards = read_shards(ckpt)
+    extra = {k: v[0] for k, v in shards.items() if not torch.is_tensor(v[0])}
     missing = sorted(set(shapes) - set(shards))
     if missing:
         raise LoadError(f"{ckpt}: no weights for {', '.join(missing[:4])}" + (f" (+{len(missing) - 4} more)"
                         if len(missing) > 4 else "") + "; the checkpoint is incomplete")
-    return {k: merge(k, shards[k], shapes[k]) for k in shapes}
+    return {**{k: merge(k, shards[k], shapes[k]) for k in shapes}, **extra}
 
 
 def read_json(path: Path) -> dict:

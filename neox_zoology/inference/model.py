@@ -63,6 +63,9 @@ class InferenceModel(nn.Module):
         self.head_weight = head.proj.weight if isinstance(head, LMHeadPipe) else self.embed.word_embeddings.weight
         self.vocab_size = int(args.vocab_size or args.padded_vocab_size)
         self.max_positions = args.max_position_embeddings if args.pos_emb == "learned" else None
+        limits = [getattr(b.mixer, "decode_limit", None) for b in self.blocks] + [self.max_positions]
+        self.context_limit = min((n for n in limits if n), default=None)
+        """Most positions (prompt + generated) the model can decode: learned positions and long filters end."""
         for block in self.blocks:
             if not stateful(block.mixer):
                 raise TypeError(f"layer type {block.layer_type}: its mixer {type(block.mixer).__name__} declares no "

@@ -29,6 +29,9 @@ class Generation:
     decode_seconds: float = 0.0
     new_tokens: int = 0
     stopped: list[bool] = field(default_factory=list)
+    """Per row: it produced end-of-document."""
+    truncated: list[bool] = field(default_factory=list)
+    """Per row: it reached the model's context limit (see InferenceModel.context_limit)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,6 +77,11 @@ def generate(model, prompts: list[list[int]], cfg: Sampling) -> Generation:
         states.append((idx, state))
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
+    truncated = [False] * len(prompts)
+    limit = getattr(model, "context_limit", None)
+    if limit is not None and max(map(len, prompts)) > limit:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens is longer than the {limit} positions this "
+                         f"model can decode (its seq_length / max_position_embeddings); shorten it")
     vocab = model.vocab_size
     decode_start = time.perf_counter()
     new = 0
@@ -87,6 +95,9 @@ def generate(model, prompts: list[list[int]], cfg: Sampling) -> Generation:
                     out[i].append(t)
                     new += 1
                     done[i] = cfg.eod is not None and t == cfg.eod
+                    full = limit is not None and len(prompts[i]) + len(out[i]) >= limit
+                    if full and not done[i]:
+                        done[i], truncated[i] = True, True
         if all(done) or n == cfg.max_tokens - 1:
             break
         stepped = []
@@ -99,5 +110,6 @@ def generate(model, prompts: list[list[int]], cfg: Sampling) -> Generation:
             stepped.append((idx, state))
         states = stepped
     end = time.perf_counter()
+    stopped = [d and not t for d, t in zip(done, truncated)]
     return Generation(tokens=out, seconds=end - start, decode_seconds=end - decode_start, new_tokens=new,
-                      stopped=done)
+                      stopped=stopped, truncated=truncated)

@@ -49,6 +49,8 @@ class BaseConv(Mixer):
         self.kernel_size = kernel_size
         self.fft_skip = fft_skip
         self.use_act = use_act
+        self.decode_limit = seq_length if kernel_size <= 0 else None
+        """Positions a decoder can reach: a long filter is defined for seq_length positions."""
         self.proj = ColumnLinear(d, d, config=config, init_method=config.init_method, bias=True, gather_output=False)
         if kernel_size > 0:
             self.filter = ShortFilter(d, kernel_size, config.params_dtype)

@@ -124,6 +124,7 @@ class Hyena(Mixer):
         super().__init__(config, layer_number, **stack_kwargs)
         d = config.hidden_size
         self.local_channels = d // tp_size()
+        self.decode_limit = seq_length  # the implicit filter is defined for seq_length positions
         self.in_proj = ColumnLinear(d, 3 * d, config=config, init_method=config.init_method, bias=True,
                                     gather_output=False)
         self.short_filter = ShortFilter(3 * d, short_filter_order, config.params_dtype)

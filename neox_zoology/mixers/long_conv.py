@@ -40,6 +40,7 @@ class LongConv(Mixer):
         d = config.hidden_size
         self.local = tp_slice(d)
         self.lam = lam
+        self.decode_limit = seq_length  # the explicit filter has seq_length taps
         self.glu = glu
         self.filter = ExplicitLongFilter(d, seq_length, init_scale, config.params_dtype)
         self.D = mark_tp_param(nn.Parameter(full_then_local(torch.randn(d), 0, self.local).to(config.params_dtype)))
