@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev,eval]'
 	touch $(STAMP)
 
 # Builds the demo corpus + tokenizer when missing, then trains on 2 CPU ranks.

@@ -30,6 +30,7 @@ BENCHMARKS = [
     ("ar_eval", ["bench.ar_eval", "--out", "{r}/ar_eval.json"]),
     ("preprocess", ["bench.preprocess", "--mb", "24", "--rounds", "2", "--out", "{r}/preprocess.json",
                     "--md", "{r}/preprocess.md"]),
+    ("decode", ["bench.decode", "--out", "{r}/decode.json", "--md", "{r}/decode.md", "--png", "{r}/decode.png"]),
     ("bigrams", ["bench.bigrams", "--out", "{r}/bigrams.json", "--md", "{r}/bigrams.md"]),
     ("recall", ["bench.recall", "--out", "{r}/recall.json", "--md", "{r}/recall.md"]),
 ]

@@ -142,6 +142,16 @@ def _cmp(value, target: str | None):
     return value <= bound if op == "<=" else value >= bound if op == ">=" else None
 
 
+def _decode(d):
+    rows = []
+    top = max(r["context"] for r in d["results"])
+    for r in d["results"]:
+        if r["context"] == top and r["row"] != d["peer"]:
+            rows.append((f"{r['row']} decode tokens/s vs {d['peer']}, context {top:,}", r["ratio_tokens_per_s"], None, None))
+            rows.append((f"{r['row']} decoding state bytes vs {d['peer']}, context {top:,}", r["ratio_state"], None, None))
+    return rows
+
+
 EXTRACTORS = {
     "trainer_overhead": _trainer_overhead,
     "train_throughput": _train_throughput,
@@ -156,6 +166,7 @@ EXTRACTORS = {
     "preprocess": _preprocess,
     "bigrams": _bigrams,
     "recall": _recall,
+    "decode": _decode,
 }
 
 

@@ -35,12 +35,12 @@ class Rotary(nn.Module):
             "inv_freq", 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim), persistent=False
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [b, heads, L, head_dim] -> same, positions 0..L-1."""
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x [b, heads, L, head_dim] -> same, positions start..start+L-1."""
         if self.dim == 0:
             return x
         L = x.shape[-2]
-        t = torch.arange(L, device=x.device, dtype=torch.float32)
+        t = torch.arange(start, start + L, device=x.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(x.device))
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -141,6 +141,54 @@ class CausalSelfAttention(Mixer):
         o = o.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
         y, _ = self.out(o)
         return y, None
+
+    # -- decoding: a KV cache (the last `window` positions only, as a ring buffer, for sliding windows)
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
+        """Empty cache: k, v [b, kv heads, 0, head_dim] (kept whole) or [b, kv heads, window, head_dim] (ring)."""
+        kv = self.local_heads if self.num_kv_heads == self.local_heads * tp_size() else self.local_kv_heads
+        size = self.window if self.window > 0 else 0
+        z = torch.zeros(batch, kv, size, self.head_dim, dtype=dtype, device=device)
+        return {"k": z, "v": z.clone(), "pos": 0}
+
+    def _qkv_seq(self, x):
+        """x [s, b, h] -> q [b, heads, s, hd], k, v [b, kv heads, s, hd] (unrotated)."""
+        s, b, _ = x.shape
+        if self.num_kv_heads == self.local_heads * tp_size():
+            qkv, _ = self.qkv(x)
+            return qkv.view(s, b, self.local_heads, 3, self.head_dim).permute(3, 1, 2, 0, 4).unbind(0)
+        return self._grouped_qkv(x)
+
+    def step(self, x: torch.Tensor, state: dict):
+        """One position: x [b, h] -> (y [b, h], new state); equal to forward's output at that position."""
+        t = state["pos"]
+        q, k, v = self._qkv_seq(x[None])
+        q, k = self.rotary(q, t), self.rotary(k, t)
+        if self.window > 0:  # ring buffer: slot t mod window holds position t
+            K, V = state["k"].clone(), state["v"].clone()
+            K[:, :, t % self.window], V[:, :, t % self.window] = k[:, :, 0], v[:, :, 0]
+            valid = torch.arange(self.window, device=x.device) <= t
+            mask = valid[None, None, None, :]
+        else:
+            K, V, mask = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2), None
+        group = self.local_heads // K.shape[1]
+        Ke, Ve = (K, V) if group == 1 else (K.repeat_interleave(group, 1), V.repeat_interleave(group, 1))
+        o = F.scaled_dot_product_attention(q, Ke, Ve, attn_mask=mask)  # [b, heads, 1, hd]
+        y, _ = self.out(o[:, :, 0].reshape(x.shape[0], self.local_heads * self.head_dim))
+        return y, {"k": K, "v": V, "pos": t + 1}
+
+    def prefill_state(self, x: torch.Tensor, token_ids=None) -> dict:
+        """The state after the positions of x [s, b, h]: their rotated keys and values, in one pass."""
+        s = x.shape[0]
+        _, k, v = self._qkv_seq(x)
+        k = self.rotary(k)
+        if self.window <= 0:
+            return {"k": k, "v": v, "pos": s}
+        state = self.initial_state(x.shape[1], k.dtype, x.device)
+        keep = torch.arange(max(0, s - self.window), s, device=x.device)
+        state["k"][:, :, keep % self.window] = k[:, :, keep]
+        state["v"][:, :, keep % self.window] = v[:, :, keep]
+        state["pos"] = s
+        return state
 
 
 def effective_window(args) -> int:

@@ -17,9 +17,11 @@ projection to fold the gather into).
 """
 from __future__ import annotations
 
+import torch
+
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer, column_linear_channels_first, local_channels
-from neox_zoology.mixers.fftconv import fft_causal_conv
+from neox_zoology.mixers.fftconv import causal_conv_step, fft_causal_conv
 from neox_zoology.mixers.filters import FILTER_INITS, ExplicitLongFilter, ImplicitLongFilter, ShortFilter
 from neox_zoology.parallel import ColumnLinear, copy_to_tp, gather_from_tp, tp_slice
 from neox_zoology.registry import STATE_BYTES, MixerSpec, register
@@ -47,6 +49,8 @@ class BaseConv(Mixer):
         self.kernel_size = kernel_size
         self.fft_skip = fft_skip
         self.use_act = use_act
+        self.decode_limit = seq_length if kernel_size <= 0 else None
+        """Positions a decoder can reach: a long filter is defined for seq_length positions."""
         self.proj = ColumnLinear(d, d, config=config, init_method=config.init_method, bias=True, gather_output=False)
         if kernel_size > 0:
             self.filter = ShortFilter(d, kernel_size, config.params_dtype)
@@ -69,6 +73,31 @@ class BaseConv(Mixer):
         if self.use_act:
             conv, gate = conv * conv.sigmoid(), gate * gate.sigmoid()
         return gather_from_tp((conv * gate).permute(2, 0, 1)) + hidden_states, None
+
+    # -- decoding: a short filter keeps its last k - 1 inputs; a long one the whole input history (O(L) per
+    # position, at most seq_length positions: the filter is defined that far)
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        if self.kernel_size > 0:
+            return self.filter.initial_state(batch, dtype, device)
+        return torch.zeros(batch, self.local.stop - self.local.start, 0, dtype=dtype, device=device)
+
+    def prefill_state(self, x: torch.Tensor) -> torch.Tensor:
+        """The state after the positions of x [s, b, h]."""
+        u = local_channels(x, self.local).permute(1, 2, 0).contiguous()
+        return self.filter.prefill_state(u) if self.kernel_size > 0 else u
+
+    def step(self, x: torch.Tensor, state: torch.Tensor):
+        """One position: x [b, h] -> (y [b, h], new state); equal to forward's output at that position."""
+        gate, _ = self.proj(x)
+        u = local_channels(x, self.local)
+        if self.kernel_size > 0:
+            conv, state = self.filter.step(u, state)
+        else:
+            k = self.filter(state.shape[-1] + 1)
+            conv, state = causal_conv_step(state, u, k, skip=1.0 if self.fft_skip else None)
+        if self.use_act:
+            conv, gate = conv * conv.sigmoid(), gate * gate.sigmoid()
+        return gather_from_tp(conv * gate) + x, state
 
 
 LONG_ONLY = ("long_filter", "filter_emb_dim", "filter_hidden", "fft_skip", "filter_init")

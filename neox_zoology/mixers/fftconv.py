@@ -61,6 +61,20 @@ def fft_causal_conv(u: torch.Tensor, k: torch.Tensor, skip=None) -> torch.Tensor
     return _FFTConv.apply(u, k)
 
 
+def causal_conv_step(history: torch.Tensor, u: torch.Tensor, k: torch.Tensor, skip=None):
+    """One more output of `fft_causal_conv`: history [b, c, t] (the inputs so far), u [b, c] the input at t,
+    k [c, >= t + 1] the filter -> (y [b, c], history [b, c, t + 1]). A direct sum: O(t) per position."""
+    hist = torch.cat([history, u[..., None]], -1)
+    t = hist.shape[-1]
+    if k.shape[-1] < t:
+        raise ValueError(f"position {t - 1} is past the long filter's {k.shape[-1]} positions (the model's "
+                         f"seq_length): a long convolution decodes at most seq_length positions")
+    y = (hist * k[:, :t].flip(-1).to(hist.dtype)).sum(-1)
+    if skip is not None:
+        y = y + (skip.to(u.dtype) if torch.is_tensor(skip) else skip) * u
+    return y, hist
+
+
 def flash_fft_size(L: int, channels: int, dtype: torch.dtype) -> int | None:
     """FlashFFTConv's FFT size for a causal convolution of length L, or None where it does not apply.
 

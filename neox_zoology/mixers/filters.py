@@ -55,6 +55,22 @@ class ShortFilter(nn.Module):
             return fft_causal_conv(u, taps) + self.bias[:, None]
         return _ShiftAddConv.apply(u, taps.to(u.dtype), self.bias.to(u.dtype))
 
+    # -- decoding: the last kernel_size - 1 inputs
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        return torch.zeros(batch, self.weight.shape[0], self.kernel_size - 1, dtype=dtype, device=device)
+
+    def prefill_state(self, u: torch.Tensor) -> torch.Tensor:
+        """The state after the positions of u [b, c, s] (zeros before the sequence)."""
+        k = self.kernel_size - 1
+        padded = torch.nn.functional.pad(u, (k, 0))
+        return padded[..., padded.shape[-1] - k:].contiguous()
+
+    def step(self, u: torch.Tensor, state: torch.Tensor):
+        """u [b, c] -> (y [b, c], new state): the forward's output at the next position."""
+        window = torch.cat([state, u[..., None]], -1)
+        y = (window * self.weight[:, 0].to(u.dtype)).sum(-1) + self.bias.to(u.dtype)
+        return y, window[..., 1:]
+
 
 class _ShiftAddConv(torch.autograd.Function):
     """y[..., c, t] = bias_c + sum_j taps[c, j] u[..., c, t - j], as in-place shifted multiply-adds.

@@ -96,12 +96,8 @@ class DiagonalSSMKernel(nn.Module):
             self.B = None
         exclude_from_weight_decay(self)
 
-    def forward(self, L: int) -> torch.Tensor:
-        """K [H_local, L] in fp32 (fp64 for fp64 parameters; complex arithmetic has no bf16).
-
-        z^l is split as z^{mJ} z^j (l = mJ + j, J ~ sqrt(L)), so the Vandermonde sum becomes one real
-        batched matmul [M, N] @ [N, J] per head: O(H N sqrt(L)) memory instead of O(H N L).
-        """
+    def discrete(self):
+        """(C', log z), complex [H_local, N/2]: K(l) = 2 Re sum_n C'_n z_n^l (see the module docstring)."""
         real = torch.float64 if self.log_dt.dtype == torch.float64 else torch.float32
         dt = self.log_dt.to(real).exp()[:, None]
         A = torch.complex(-self.log_A_real.to(real).exp(), self.A_imag.to(real))
@@ -110,11 +106,18 @@ class DiagonalSSMKernel(nn.Module):
         if self.B is not None:
             C = C * torch.view_as_complex(self.B.to(real).contiguous())
         if self.discretization == "zoh":
-            C = C * (torch.exp(dtA) - 1) / A
-            log_z = dtA
-        else:  # bilinear
-            C = C * dt / (1 - dtA / 2)
-            log_z = torch.log((1 + dtA / 2) / (1 - dtA / 2))
+            return C * (torch.exp(dtA) - 1) / A, dtA
+        return C * dt / (1 - dtA / 2), torch.log((1 + dtA / 2) / (1 - dtA / 2))  # bilinear
+
+    def forward(self, L: int) -> torch.Tensor:
+        """K [H_local, L] in fp32 (fp64 for fp64 parameters; complex arithmetic has no bf16).
+
+        z^l is split as z^{mJ} z^j (l = mJ + j, J ~ sqrt(L)), so the Vandermonde sum becomes one real
+        batched matmul [M, N] @ [N, J] per head: O(H N sqrt(L)) memory instead of O(H N L).
+        """
+        real = torch.float64 if self.log_dt.dtype == torch.float64 else torch.float32
+        C, log_z = self.discrete()
+        dtA = log_z  # (device only)
         J = math.isqrt(max(L - 1, 0)) + 1
         M = -(-L // J)
         steps = torch.arange(max(M, J), device=dtA.device, dtype=real)
@@ -169,6 +172,31 @@ class H3(Mixer):
         ssm_out = fft_causal_conv(kv, K, skip=Dh).view(b, H, P, P, s)  # diagonal SSM + D kv
         o = (q.unsqueeze(3) * ssm_out).sum(2) if P > 1 else q * ssm_out[:, :, 0]  # sum over i: [b, H, P_j, s]
         return row_linear_channels_first(o.reshape(b, H * P, s), self.out_proj), None
+
+    # -- decoding: the exact recurrences of both SSMs. Shift SSM: its last N - 1 inputs (an N-tap filter).
+    # Diagonal SSM, per mode n: x_n(t) = z_n x_n(t-1) + kv(t), s(t) = 2 Re sum_n C'_n x_n(t) + D kv(t),
+    # which unrolls to forward's convolution with K(l) = 2 Re sum_n C'_n z_n^l.
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
+        H, P, N = self.local_heads, self.head_dim, self.shift_C.shape[-1]
+        real = torch.float64 if self.ssm.log_dt.dtype == torch.float64 else torch.float32
+        cdtype = torch.complex128 if real == torch.float64 else torch.complex64
+        return {"k": torch.zeros(batch, H * P, N - 1, dtype=dtype, device=device),
+                "x": torch.zeros(batch, H, P, P, N // 2, dtype=cdtype, device=device)}
+
+    def step(self, u: torch.Tensor, state: dict):
+        """One position: u [b, h] -> (y [b, h], new state); equal to forward's output at that position."""
+        b, H, P = u.shape[0], self.local_heads, self.head_dim
+        q, k, v = self.qkv(u)[0].view(b, H, 3, P).unbind(2)  # [b, H, P]
+        window = torch.cat([state["k"], k.reshape(b, H * P, 1)], -1)  # oldest first
+        taps = shift_kernel(self.shift_C, self.shift_B).flip(-1).to(u.dtype)  # tap j acts on k(t - j)
+        k = ((window * taps).sum(-1) + self.D_k.to(u.dtype) * k.reshape(b, H * P)).view(b, H, P)
+        kv = k[..., :, None] * v[..., None, :]  # [b, H, P_i, P_j]
+        C, log_z = self.ssm.discrete()  # [H, N/2]
+        x = torch.exp(log_z)[None, :, None, None] * state["x"] + kv[..., None].to(state["x"].dtype)
+        s = 2 * (x * C[None, :, None, None]).real.sum(-1) + self.D.to(x.real.dtype)[None, :, None, None] * kv
+        o = (q[..., None] * s.to(u.dtype)).sum(2)  # sum over i: [b, H, P_j]
+        y, _ = self.out_proj(o.reshape(b, H * P))
+        return y, {"k": window[..., 1:], "x": x}
 
 
 def _is_int(x) -> bool:

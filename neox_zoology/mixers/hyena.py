@@ -48,7 +48,7 @@ from torch import nn
 from neox_zoology import flops
 from neox_zoology.mixers.base import (Mixer, column_linear_channels_first, exclude_from_weight_decay, full_then_local,
                                       row_linear_channels_first)
-from neox_zoology.mixers.fftconv import fft_causal_conv
+from neox_zoology.mixers.fftconv import causal_conv_step, fft_causal_conv
 from neox_zoology.mixers.filters import FILTER_INITS, ShortFilter, filter_linear_init, positional_features
 from neox_zoology.parallel import ColumnLinear, RowLinear, copy_to_tp, mark_tp_param, tp_size, tp_slice
 from neox_zoology.registry import STATE_BYTES, MixerSpec, register
@@ -124,6 +124,7 @@ class Hyena(Mixer):
         super().__init__(config, layer_number, **stack_kwargs)
         d = config.hidden_size
         self.local_channels = d // tp_size()
+        self.decode_limit = seq_length  # the implicit filter is defined for seq_length positions
         self.in_proj = ColumnLinear(d, 3 * d, config=config, init_method=config.init_method, bias=True,
                                     gather_output=False)
         self.short_filter = ShortFilter(3 * d, short_filter_order, config.params_dtype)
@@ -142,6 +143,20 @@ class Hyena(Mixer):
         v = v * x1
         v = fft_causal_conv(v, self.filter(s), skip=self.D)  # h * v + D v
         return row_linear_channels_first(v * x2, self.out_proj), None
+
+    # -- decoding: the short filter's last k - 1 inputs and the long filter's input history (O(L) per position,
+    # at most seq_length positions)
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
+        return {"short": self.short_filter.initial_state(batch, dtype, device),
+                "v": torch.zeros(batch, self.local_channels, 0, dtype=dtype, device=device)}
+
+    def step(self, x: torch.Tensor, state: dict):
+        """One position: x [b, h] -> (y [b, h], new state); equal to forward's output at that position."""
+        u, short = self.short_filter.step(self.in_proj(x)[0], state["short"])  # [b, 3 d_local], channel-major
+        x1, x2, v = u.view(x.shape[0], self.local_channels, 3).unbind(-1)
+        v, history = causal_conv_step(state["v"], v * x1, self.filter(state["v"].shape[-1] + 1), skip=self.D)
+        y, _ = self.out_proj(v * x2)
+        return y, {"short": short, "v": history}
 
 
 def _is_int(x) -> bool:

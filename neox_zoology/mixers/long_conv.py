@@ -27,7 +27,7 @@ from torch import nn
 
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer, full_then_local, local_channels, row_linear_channels_first
-from neox_zoology.mixers.fftconv import fft_causal_conv
+from neox_zoology.mixers.fftconv import causal_conv_step, fft_causal_conv
 from neox_zoology.mixers.filters import ExplicitLongFilter
 from neox_zoology.parallel import RowLinear, copy_to_tp, mark_tp_param, tp_slice
 from neox_zoology.registry import STATE_BYTES, MixerSpec, register
@@ -40,6 +40,7 @@ class LongConv(Mixer):
         d = config.hidden_size
         self.local = tp_slice(d)
         self.lam = lam
+        self.decode_limit = seq_length  # the explicit filter has seq_length taps
         self.glu = glu
         self.filter = ExplicitLongFilter(d, seq_length, init_scale, config.params_dtype)
         self.D = mark_tp_param(nn.Parameter(full_then_local(torch.randn(d), 0, self.local).to(config.params_dtype)))
@@ -57,6 +58,19 @@ class LongConv(Mixer):
         z = F.gelu(fft_causal_conv(u, self.kernel(s), skip=self.D))  # k * u + D u
         y = row_linear_channels_first(z, self.out_proj)  # [s, b, 2d]
         return (F.glu(y, dim=-1) if self.glu else y), None
+
+    # -- decoding: the input history (O(L) per position, at most seq_length positions)
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        return torch.zeros(batch, self.local.stop - self.local.start, 0, dtype=dtype, device=device)
+
+    def prefill_state(self, x: torch.Tensor) -> torch.Tensor:
+        return local_channels(x, self.local).permute(1, 2, 0).contiguous()
+
+    def step(self, x: torch.Tensor, state: torch.Tensor):
+        """One position: x [b, h] -> (y [b, h], new state); equal to forward's output at that position."""
+        z, state = causal_conv_step(state, local_channels(x, self.local), self.kernel(state.shape[-1] + 1), skip=self.D)
+        y, _ = self.out_proj(F.gelu(z))
+        return (F.glu(y, dim=-1) if self.glu else y), state
 
 
 def _number(x) -> bool:

@@ -191,6 +191,33 @@ class RWKVTimeMix(Mixer):
         y, _ = self.output(torch.sigmoid(r) * mixed.permute(2, 0, 1))
         return y, None
 
+    # -- decoding: the previous input (token shift) and the WKV sums (a, b) = (sum e^{..} v, sum e^{..}) kept
+    # as a e^p, b e^p with their scale p (RWKV-4's recurrent form), in fp32 (fp64 for fp64 parameters)
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
+        d, c = self.time_mix_k.shape[0], self.time_decay.shape[0]
+        real = torch.float64 if dtype == torch.float64 else torch.float32
+        z = torch.zeros(batch, c, dtype=real, device=device)
+        return {"prev": torch.zeros(batch, d, dtype=dtype, device=device), "a": z, "b": z.clone(),
+                "p": torch.full_like(z, EMPTY)}
+
+    def step(self, x: torch.Tensor, state: dict):
+        """One position: x [b, h] -> (y [b, h], new state); equal to forward's output at that position."""
+        prev = state["prev"]
+        k, _ = self.key(prev + self.time_mix_k * (x - prev))
+        v, _ = self.value(prev + self.time_mix_v * (x - prev))
+        r, _ = self.receptance(prev + self.time_mix_r * (x - prev))
+        real = state["a"].dtype
+        k, v = k.to(real), v.to(real)
+        a, b, p = state["a"], state["b"], state["p"]
+        w, u = self.time_decay.to(real).exp().clamp(max=1e30), self.time_first.to(real)
+        q = torch.maximum(p, u + k)  # output: the state plus the bonus-weighted current position
+        e1, e2 = torch.exp(p - q), torch.exp(u + k - q)
+        wkv = (e1 * a + e2 * v) / (e1 * b + e2)
+        q = torch.maximum(p - w, k)  # new state: decay by e^{-w}, add the current position
+        e1, e2 = torch.exp(p - w - q), torch.exp(k - q)
+        y, _ = self.output(torch.sigmoid(r) * wkv.to(x.dtype))
+        return y, {"prev": x, "a": e1 * a + e2 * v, "b": e1 * b + e2, "p": q}
+
 
 class ChannelMix(nn.Module):
     """RWKV-4 channel mix, the MLP of an rwkv block: [s, b, h] -> [s, b, h]."""
@@ -215,6 +242,19 @@ class ChannelMix(nn.Module):
         k, _ = self.key(prev + self.time_mix_k * (x - prev))
         kv, _ = self.value(torch.relu(k).square())
         return torch.sigmoid(F.linear(prev + self.time_mix_r * (x - prev), self.receptance)) * kv
+
+    # -- decoding: the previous input (token shift)
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        return torch.zeros(batch, self.time_mix_k.shape[0], dtype=dtype, device=device)
+
+    def prefill_state(self, x: torch.Tensor) -> torch.Tensor:
+        return x[-1].clone()
+
+    def step(self, x: torch.Tensor, prev: torch.Tensor):
+        """One position: x [b, h] -> (y [b, h], x as the next position's previous input)."""
+        k, _ = self.key(prev + self.time_mix_k * (x - prev))
+        kv, _ = self.value(torch.relu(k).square())
+        return torch.sigmoid(F.linear(prev + self.time_mix_r * (x - prev), self.receptance)) * kv, x
 
     @staticmethod
     def flops(d: int, ffn: int) -> float:

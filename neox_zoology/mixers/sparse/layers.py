@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from neox_zoology.mixers.attention import Rotary
@@ -140,6 +141,37 @@ class SparseAttention(Mixer):
             self.draws += 1
         return y, None
 
+    # -- decoding: a KV cache of every position, and what the selection rule needs (subclasses)
+    def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
+        z = torch.zeros(batch, self.local_heads, 0, self.head_dim, dtype=dtype, device=device)
+        return {"k": z, "v": z.clone(), "pos": 0, "ids": torch.zeros(batch, 0, dtype=torch.long, device=device)}
+
+    def step_weight(self, x: torch.Tensor, token_ids, state: dict) -> torch.Tensor:
+        """[b] factor of this position's output: 0 where it is not selected (1, or the score, where it is),
+        as the eval-mode forward decides it."""
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, state: dict, token_ids=None):
+        """One position: x [b, h] -> (y [b, h], new state); equal to forward's (eval mode) output there."""
+        b, t = x.shape[0], state["pos"]
+        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).view(b, self.local_heads, 3, 1, self.head_dim).unbind(2)
+        q, k = self.rotary(q, t), self.rotary(k, t)
+        K, V = torch.cat([state["k"], k], 2), torch.cat([state["v"], v], 2)
+        ids = state["ids"] if token_ids is None else torch.cat([state["ids"], token_ids.long()[:, None]], 1)
+        new = {"k": K, "v": V, "pos": t + 1, "ids": ids}
+        weight = self.step_weight(x, token_ids, new)
+        o = F.scaled_dot_product_attention(q, K, V)  # [b, heads, 1, hd]
+        rows, _ = self.out(o[:, :, 0].reshape(b, -1))
+        return rows * weight.to(rows.dtype)[:, None], new
+
+    def prefill_state(self, x: torch.Tensor, token_ids=None) -> dict:
+        """The state after the positions of x [s, b, h], in one pass."""
+        s, b, _ = x.shape
+        _, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).view(s, b, self.local_heads, 3, self.head_dim
+                                                                    ).permute(3, 1, 2, 0, 4).unbind(0)
+        ids = token_ids.long() if token_ids is not None else torch.zeros(b, 0, dtype=torch.long, device=x.device)
+        return {"k": self.rotary(k), "v": v.contiguous(), "pos": s, "ids": ids}
+
     def _record(self, **values):
         for name, v in values.items():
             v = v.detach().float()
@@ -161,7 +193,14 @@ class RandomSparseAttention(SparseAttention):
     def chooser(self, hidden_states, token_ids):
         L, B, _ = hidden_states.shape
         g = self.generator(hidden_states.device)
+        if not self.training:  # position-major draws: a prefix of the sequence gets the same positions
+            return lambda scores: (torch.rand(L * B, generator=g, device=hidden_states.device) < self.p).view(L, B).t()
         return lambda scores: torch.rand(B, L, generator=g, device=hidden_states.device) < self.p
+
+    def step_weight(self, x, token_ids, state):
+        t, B = state["pos"] - 1, x.shape[0]
+        u = torch.rand((t + 1) * B, generator=self.generator(x.device), device=x.device)[t * B:]
+        return (u < self.p).to(x.dtype)
 
 
 class ProgrammaticSparseAttention(SparseAttention):
@@ -182,6 +221,11 @@ class ProgrammaticSparseAttention(SparseAttention):
             raise ValueError(f"sparse_programmatic: token_ids of shape {tuple(token_ids.shape)} for hidden states "
                              f"of {L} positions x batch {B}; pass token ids [batch, seq]")
         return lambda scores: programmatic_selection(token_ids, self.match)
+
+    def step_weight(self, x, token_ids, state):
+        if token_ids is None:
+            raise ValueError("sparse_programmatic needs the raw token ids: step(x, state, token_ids=[batch])")
+        return programmatic_selection(state["ids"], self.match)[:, -1].to(x.dtype)
 
 
 class Selector(nn.Module):
@@ -228,6 +272,10 @@ class LearnedSparseAttention(SparseAttention):
             return topk_selection(noisy, self.k(L)) if self.train_selection == "topk" else noisy >= tau
 
         return choose
+
+    def step_weight(self, x, token_ids, state):
+        s = torch.sigmoid(score_logits(x[None], self.selector.weight, self.selector.bias))[:, 0]  # [b]
+        return torch.where(s >= self.threshold.float(), s, torch.zeros_like(s))
 
     def after_selection(self, scores, L, advancing):
         if not self.training:

@@ -15,7 +15,7 @@ from neox_zoology.training.checkpoint.files import (MANIFEST, CheckpointError, c
 from neox_zoology.training.checkpoint.identity import check_model, check_topology
 from neox_zoology.training.checkpoint.saving import set_rng_state
 
-def _deepspeed_globals() -> list:
+def deepspeed_globals() -> list:
     """The non-tensor classes DeepSpeed puts in its checkpoint files (ZeRO optimizer states)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -36,7 +36,7 @@ def weights_only_loading(checkpoint_engine) -> None:
         import zipfile
 
         try:
-            with torch.serialization.safe_globals(_deepspeed_globals()):
+            with torch.serialization.safe_globals(deepspeed_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:
             found = re.search(r"GLOBAL (\S+)", str(exc))
