@@ -138,6 +138,19 @@ def model_grads(rank, raw, tp: int, masked: bool = False):
     return float(loss), {n: gather_tp_grad(p) for n, p in model.named_parameters()}, type(out).__name__
 
 
+def assert_tp2_equals_tp1(raw, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    """The model of `raw` gives the same LM loss and full gradients at TP 2 (both ranks) as at TP 1."""
+    import pytest
+    import torch
+
+    (loss1, g1, _), = run_ranks(model_grads, 1, raw, 1)
+    for loss2, g2, _ in run_ranks(model_grads, 2, raw, 2):
+        assert loss2 == pytest.approx(loss1, abs=atol)
+        assert g1.keys() == g2.keys()
+        for name in g1:
+            torch.testing.assert_close(g2[name], g1[name], atol=atol, rtol=rtol, msg=name)
+
+
 PAPER_RUN_KEYS_OFF = ["train_data_paths=null", "valid_data_paths=null", "test_data_paths=null", "merge_file=null",
                       "ar_eval={enabled: false}", "save=null", "load=null", "tensorboard_dir=null"]
 """`--set`s that take a paper config's Pile data, GPT-2 files, AR slice and output folders away, so a test can

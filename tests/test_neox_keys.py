@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist import init_tp, model_grads, run_ranks
+from dist import assert_tp2_equals_tp1, init_tp, run_ranks
 from neox_zoology import build_mixer
 from neox_zoology.config import ConfigError, build_args
 from neox_zoology.model.block import activation_function
@@ -53,12 +53,7 @@ def test_grouped_query_parameter_count():
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])
 def test_grouped_query_tp2_equals_tp1(tiny_raw, kv_heads):
     raw = tiny_raw(attention_config=[[["attention"], "all"]], num_kv_heads=kv_heads, vocab_size=512)
-    (loss1, g1, _), = run_ranks(model_grads, 1, raw, 1)
-    for loss2, g2, _ in run_ranks(model_grads, 2, raw, 2):
-        assert loss2 == pytest.approx(loss1, abs=1e-6)
-        assert g1.keys() == g2.keys()
-        for name in g1:
-            torch.testing.assert_close(g2[name], g1[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert_tp2_equals_tp1(raw)
 
 
 def test_groupedquery_attention_type_needs_num_kv_heads():

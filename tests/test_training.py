@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import ROOT, SHARED
-from dist import PAPER_RUN_KEYS_OFF, init_tp, model_grads, run_ranks
+from dist import PAPER_RUN_KEYS_OFF, assert_tp2_equals_tp1, init_tp, run_ranks
 from neox_zoology.config import build_args, load
 
 
@@ -39,12 +39,7 @@ RECALL_TYPES = ["based", "sliding_window", "gla", "gated_deltanet", "mamba"]
 def test_tp2_equals_tp1_loss_and_gradients(tiny_raw, layers, tied):
     raw = tiny_raw(attention_config=[[layers, "all"]], vocab_size=512, no_weight_tying=not tied,
                    baseconv={"kernel_sizes": [3, -1]}, num_layers=max(4, len(layers)))
-    (loss1, g1, _), = run_ranks(model_grads, 1, raw, 1)
-    for loss2, g2, _ in run_ranks(model_grads, 2, raw, 2):
-        assert loss2 == pytest.approx(loss1, abs=1e-6)
-        assert g1.keys() == g2.keys()
-        for name in g1:
-            torch.testing.assert_close(g2[name], g1[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert_tp2_equals_tp1(raw)
 
 
 # ----------------------------------------------------------------------------- pipeline and data parallel
