@@ -299,11 +299,12 @@ class StepBreakdown:
         for block in model.modules():
             if not isinstance(block, ZooBlock):
                 continue
-            parts = {f"mixer:{block.layer_type}": block.mixer, "mlp": block.mlp,
+            parts = {f"mixer:{block.layer_type}": (block.mixer,), "mlp": (block.mlp,),
                      "norm": (block.input_norm, block.post_norm)}
             for cat, mods in parts.items():
-                self.layers[cat] = self.layers.get(cat, 0) + (1 if cat != "norm" else 2)
-                for mod in (mods if isinstance(mods, tuple) else (mods,)):
+                mods = [m for m in mods if m is not None]  # blocks without an MLP (mamba's default)
+                self.layers[cat] = self.layers.get(cat, 0) + len(mods)
+                for mod in mods:
                     self._hook(mod, cat)
 
     def _hook(self, mod, cat):

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dist import run_ranks
@@ -381,3 +382,24 @@ def test_the_ar_slice_cli_refuses_a_checkpoint_of_another_model(trained, tiny_co
     assert run_ranks(_ar_cli, 1, argv) == [2]
     err = capfd.readouterr().err
     assert "holds another model than this config builds: num_attention_heads: saved 4, this run 8" in err
+
+
+def test_weights_only_load_leaves_the_process_wide_allowances_as_they_were(tmp_path):
+    """Loading a file with numpy RNG state allows numpy's classes for that call only, and keeps what was
+    allowed process-wide before (megatron-core allows numpy's on import; taking that away broke later loads)."""
+    import numpy as np
+
+    from neox_zoology.training.checkpoint.loading import load_weights_only
+
+    path = tmp_path / "state.pt"
+    torch.save({"rng": np.random.get_state(), "w": torch.ones(2)}, path)
+    before = list(torch.serialization.get_safe_globals())
+    out = load_weights_only(path)
+    assert list(torch.serialization.get_safe_globals()) == before
+    assert out["rng"][0] == "MT19937" and torch.equal(out["w"], torch.ones(2))
+    torch.serialization.clear_safe_globals()  # nothing allowed process-wide: the call still loads the file
+    try:
+        assert load_weights_only(path)["rng"][1].shape == (624,)
+        assert torch.serialization.get_safe_globals() == []
+    finally:
+        torch.serialization.add_safe_globals(before)

@@ -45,7 +45,7 @@ def test_the_kit_resolves_the_project_offline_for_python_312(kit):
     assert installs["torch"] == {"name": "torch", "version": "2.11.0", "from": "device"}
     assert {i["from"] for i in installs.values()} == {"kit", "device"}
     compiled = [f["file"] for f in manifest["files"] if not f["file"].endswith("-py3-none-any.whl")]
-    assert compiled and all("-cp312-" in f for f in compiled)
+    assert compiled and all("-cp312-" in f or "-abi3-" in f for f in compiled)  # 3.12's ABI or the stable one
     assert manifest["total_bytes"] < gpu_kit.MAX_BYTES
     assert subprocess.run([sys.executable, "scripts/gpu_kit.py", "--verify", "--out", str(kit)], cwd=ROOT,
                           capture_output=True, text=True).returncode == 0

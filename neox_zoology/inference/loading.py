@@ -47,20 +47,11 @@ def checkpoint_dir(path) -> Path:
                     f"(no {EXPORT_CONFIG}); pass a folder written by training (`save`) or by neox_zoology.export")
 
 
-def _safe_globals() -> list:
-    import numpy as np
-
-    from neox_zoology.training.checkpoint.loading import deepspeed_globals
-
-    # DeepSpeed's model-state files also hold the run's RNG state (numpy arrays) and loss-scaler objects
-    return deepspeed_globals() + [np.dtype, np.ndarray, np._core.multiarray._reconstruct,
-                                   type(np.dtype(np.uint32))]
-
-
 def _torch_load(path: Path) -> dict:
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        from neox_zoology.training.checkpoint.loading import load_weights_only
+
+        return load_weights_only(path, "cpu")
     except Exception as exc:  # noqa: BLE001 - one line naming the file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
         raise LoadError(f"{path}: unreadable checkpoint file ({first}); it is truncated, corrupted or not "

@@ -15,13 +15,29 @@ from neox_zoology.training.checkpoint.files import (MANIFEST, CheckpointError, c
 from neox_zoology.training.checkpoint.identity import check_model, check_topology
 from neox_zoology.training.checkpoint.saving import set_rng_state
 
-def deepspeed_globals() -> list:
-    """The non-tensor classes DeepSpeed puts in its checkpoint files (ZeRO optimizer states)."""
+
+def checkpoint_globals() -> list:
+    """The non-tensor classes our checkpoint files hold: DeepSpeed's (ZeRO optimizer states, loss scaler) and
+    numpy's for the run's saved numpy RNG state."""
+    import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address,
+            np.dtype, np.ndarray, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
+def load_weights_only(path, map_location=None):
+    """`torch.load(path, weights_only=True)` allowing `checkpoint_globals()` for this call only.
+
+    Only the classes not already allowed process-wide are added (and removed again on return): torch's
+    `safe_globals` context removes what it added on exit, which would also take away an allowance someone
+    else registered for the whole process (megatron-core registers numpy's on import)."""
+    allowed = set(map(id, torch.serialization.get_safe_globals()))
+    extra = [g for g in checkpoint_globals() if id(g) not in allowed]
+    with torch.serialization.safe_globals(extra):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def weights_only_loading(checkpoint_engine) -> None:
@@ -36,8 +52,7 @@ def weights_only_loading(checkpoint_engine) -> None:
         import zipfile
 
         try:
-            with torch.serialization.safe_globals(deepspeed_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return load_weights_only(path, map_location)
         except pickle.UnpicklingError as exc:
             found = re.search(r"GLOBAL (\S+)", str(exc))
             if found is None:
