@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_zoology.tokenizer import as_identity, identity_id, same_tokenizer
 from tokenization import bigrams
 from tokenization.bigrams import BigramCounts
 
@@ -80,8 +81,8 @@ def load_bigram_counts(path, expected_vocab_size: int | None = None, expected_to
         if isinstance(expected_tokenizer, str):
             same, want = expected_tokenizer == counts.tokenizer_id, expected_tokenizer
         else:
-            identity = bigrams.as_identity(expected_tokenizer)
-            same, want = bigrams.same_tokenizer(counts.tokenizer, identity), bigrams.identity_id(identity)
+            identity = as_identity(expected_tokenizer)
+            same, want = same_tokenizer(counts.tokenizer, identity), identity_id(identity)
         if not same:
             raise ARSliceError(
                 f"{key}: {path} was counted with tokenizer {counts.tokenizer_id!r} (files "
