@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from neox_zoology.io import atomic_path
 from neox_zoology.tokenizer import as_identity, identity_id, same_tokenizer
 from tokenization.bigrams_data import BigramCountsError, Documents
 
@@ -84,34 +84,28 @@ def _documents_of(prefixes: list[str], documents: list[tuple[int, int]] | None) 
 
 
 def save_bigram_counts(path: str | os.PathLike, counts: BigramCounts) -> None:
-    """Write ``counts`` to ``path`` (complete or not at all: written aside, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    try:
-        with open(partial, "wb") as f:  # a file object: np.savez adds no .npz to the name
-            np.savez(
-                f,
-                format=np.str_(FORMAT),
-                keys=counts.keys.astype(np.int64),
-                counts=counts.counts.astype(np.int64),
-                eval_counts=counts.eval_counts.astype(np.int64),
-                vocab_size=np.int64(counts.vocab_size),
-                tokenizer=np.str_(json.dumps(counts.tokenizer, sort_keys=True)),
-                tokenizer_id=np.str_(counts.tokenizer_id),
-                train_tokens=np.int64(counts.train_tokens),
-                train_available=np.int64(counts.train_available),
-                max_train_tokens=np.int64(-1 if counts.max_train_tokens is None else counts.max_train_tokens),
-                eval_tokens=np.int64(counts.eval_tokens),
-                train_prefixes=np.array(counts.train_prefixes, dtype=np.str_),
-                eval_prefixes=np.array(counts.eval_prefixes, dtype=np.str_),
-                **{name: np.array(ranges, dtype=np.int64).reshape(-1, 2)
-                   for name, ranges in (("train_documents", counts.train_documents),
-                                        ("eval_documents", counts.eval_documents)) if ranges is not None},
-            )
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """Write ``counts`` to ``path``, whole or not at all (neox_zoology.io.atomic_path)."""
+    with atomic_path(path, temp_suffix=f".partial-{os.getpid()}") as partial, \
+            open(partial, "wb") as f:  # a file object: np.savez adds no .npz to the name
+        np.savez(
+            f,
+            format=np.str_(FORMAT),
+            keys=counts.keys.astype(np.int64),
+            counts=counts.counts.astype(np.int64),
+            eval_counts=counts.eval_counts.astype(np.int64),
+            vocab_size=np.int64(counts.vocab_size),
+            tokenizer=np.str_(json.dumps(counts.tokenizer, sort_keys=True)),
+            tokenizer_id=np.str_(counts.tokenizer_id),
+            train_tokens=np.int64(counts.train_tokens),
+            train_available=np.int64(counts.train_available),
+            max_train_tokens=np.int64(-1 if counts.max_train_tokens is None else counts.max_train_tokens),
+            eval_tokens=np.int64(counts.eval_tokens),
+            train_prefixes=np.array(counts.train_prefixes, dtype=np.str_),
+            eval_prefixes=np.array(counts.eval_prefixes, dtype=np.str_),
+            **{name: np.array(ranges, dtype=np.int64).reshape(-1, 2)
+               for name, ranges in (("train_documents", counts.train_documents),
+                                    ("eval_documents", counts.eval_documents)) if ranges is not None},
+        )
 
 
 FIELDS = ("format", "keys", "counts", "eval_counts", "vocab_size", "tokenizer", "tokenizer_id",
