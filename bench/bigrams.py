@@ -118,14 +118,14 @@ def child(kind: str, train: str, eval_: str, max_train: int | None, chunk_tokens
         counter = bg.BigramCounter(keys, VOCAB, priority=eval_counts)
         t2, c2 = time.perf_counter(), time.process_time()
         for part in bg.token_chunks(train_info, chunk, limit):
-            counter.update(bg._pair_keys(part, VOCAB, train_info, 0))
+            counter.update(bg.pair_keys(part, VOCAB, train_info, 0))
         counts = counter.counts()
         structure = counter.nbytes
     else:  # the plain peer: binary search of every pair over the sorted keys
         t2, c2 = time.perf_counter(), time.process_time()
         counts = np.zeros(keys.size, np.int64)
         for part in bg.token_chunks(train_info, chunk, limit):
-            pairs = bg._pair_keys(part, VOCAB, train_info, 0)
+            pairs = bg.pair_keys(part, VOCAB, train_info, 0)
             pos = np.minimum(np.searchsorted(keys, pairs), keys.size - 1)
             hit = keys[pos] == pairs
             counts += np.bincount(pos[hit], minlength=keys.size)

@@ -107,8 +107,9 @@ def emit(result: dict, out: str | None = None, md: str | None = None, markdown=N
     """Hand over a benchmark's result: the JSON to `out` (when given), `markdown(result)` to `md` (when
     given), and the JSON on stdout, the only thing a benchmark prints there."""
     text = json.dumps(result, indent=1)
+    from neox_zoology.io import atomic_write_text
+
     for path, content in ((out, text + "\n"), (md, markdown(result) if md else None)):
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(content)
+            atomic_write_text(path, content)
     print(text, flush=True)

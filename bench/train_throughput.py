@@ -693,9 +693,10 @@ def run(ns) -> dict:
         print(f"bench.train_throughput:   {msg} ({info['wall_s']:.0f} s)", file=sys.stderr, flush=True)
         if ns.out:  # what is measured so far, in case the whole run is stopped (replaced at the end)
             done = [r for r in rows if "wall_s" in r or "error" in r]
-            Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(ns.out).write_text(json.dumps({"benchmark": "train_throughput", "partial": True, "results": done,
-                                                "targets": []}, indent=1) + "\n")
+            from neox_zoology.io import atomic_write_json
+
+            atomic_write_json(ns.out, {"benchmark": "train_throughput", "partial": True, "results": done,
+                                       "targets": []})
     add_ratios(rows)
     tgts = targets(rows)
     decided = [t["meets"] for t in tgts if t["meets"] is not None]

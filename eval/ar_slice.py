@@ -8,21 +8,14 @@ Per evaluated token we accumulate float64 sums (no logits leave the model, only 
 overall / AR hits / other NLL and counts, NLL by bigram training frequency (log2 buckets, AR hits and
 other tokens separately: Figure 1) and, for AR hits, by recall distance (positions since the bigram's
 previous occurrence, log2 buckets: Figure 3). Sums add across batches and ranks, so DP/TP/PP runs
-all-reduce one small vector.
-
-Gap attribution (Appendix C.1), with ρ the AR-hit fraction, ℓ the mean NLL, m the evaluated model and
-a the attention reference:
-
-    share = ρ · (ℓ_m^AR − ℓ_a^AR) / (ℓ_m − ℓ_a)
-
+all-reduce one small vector. Gap attribution (Appendix C.1), with ρ the AR-hit fraction, ℓ the mean
+NLL, m the evaluated model and a the attention reference: share = ρ · (ℓ_m^AR − ℓ_a^AR) / (ℓ_m − ℓ_a),
 and, as in the paper, 100% when m beats attention both overall and on AR hits.
 
-Training counts come from `python -m tokenization.bigrams` (its counts file: the evaluation data's bigrams
-and how often each occurred in the training data; `load_bigram_counts` below adds the run's checks). A bigram
-the file does not hold counts as never seen in training and is reported in `bigrams_not_in_counts`.
-
-Standalone: `python -m eval.ar_slice CONFIG... --load CKPT [--iteration N] --out results.json`
-(under `deepspeed` for TP/PP checkpoints).
+Training counts come from `python -m tokenization.bigrams` (docs/data.md; `load_bigram_counts` below
+adds the run's checks). A bigram the counts file does not hold counts as never seen in training and is
+reported in `bigrams_not_in_counts`. Standalone: `python -m eval.ar_slice CONFIG... --load CKPT
+[--iteration N] --out results.json` (eval/standalone.py; under `deepspeed` for TP/PP checkpoints).
 """
 from __future__ import annotations
 
@@ -34,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_zoology.tokenizer import as_identity, identity_id, same_tokenizer
 from tokenization import bigrams
 from tokenization.bigrams import BigramCounts
 
@@ -80,8 +74,8 @@ def load_bigram_counts(path, expected_vocab_size: int | None = None, expected_to
         if isinstance(expected_tokenizer, str):
             same, want = expected_tokenizer == counts.tokenizer_id, expected_tokenizer
         else:
-            identity = bigrams.as_identity(expected_tokenizer)
-            same, want = bigrams.same_tokenizer(counts.tokenizer, identity), bigrams.identity_id(identity)
+            identity = as_identity(expected_tokenizer)
+            same, want = same_tokenizer(counts.tokenizer, identity), identity_id(identity)
         if not same:
             raise ARSliceError(
                 f"{key}: {path} was counted with tokenizer {counts.tokenizer_id!r} (files "

@@ -20,7 +20,7 @@ def export(ckpt, out) -> Path:
 
     from neox_zoology import inference
     from neox_zoology.inference.loading import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS
-    from neox_zoology.io import atomic_write_text
+    from neox_zoology.io import atomic_path, atomic_write_text
 
     model = inference.load(ckpt)
     state = model.gpt.state_dict()
@@ -28,8 +28,8 @@ def export(ckpt, out) -> Path:
     extra = {k: v for k, v in state.items() if not torch.is_tensor(v) and isinstance(v, dict)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / (EXPORT_WEIGHTS + ".tmp")), metadata={"format": EXPORT_FORMAT})
-    (out / (EXPORT_WEIGHTS + ".tmp")).replace(out / EXPORT_WEIGHTS)
+    with atomic_path(out / EXPORT_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT})
     config = {"format": EXPORT_FORMAT, "source": model.source, "config": model.raw_config,
               "identity": model.identity, "extra_state": extra}
     atomic_write_text(out / EXPORT_CONFIG, json.dumps(config, indent=1, default=str))

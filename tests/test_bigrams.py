@@ -11,6 +11,7 @@ import pytest
 from test_preprocess import train_tiny_bpe
 
 from tokenization import bigrams as bg
+from tokenization import bigrams_file
 from tokenization.bigrams import (
     BigramCounter,
     BigramCounts,
@@ -323,7 +324,7 @@ def counts_file(synthetic, tmp_path):
 def test_counts_file_round_trips_with_documented_fields(counts_file):
     path, result = counts_file
     with np.load(path, allow_pickle=False) as raw:
-        assert set(raw.files) == set(bg._FIELDS) | set(bg._OPTIONAL_FIELDS)
+        assert set(raw.files) == set(bigrams_file.FIELDS) | set(bigrams_file.OPTIONAL_FIELDS)
         assert raw["train_documents"].tolist() == [[0, 80], [0, 80]] and raw["eval_documents"].tolist() == [[0, 30]]
         assert raw["keys"].dtype == raw["counts"].dtype == np.int64
         assert str(raw["format"]) == "neox_zoology.bigram_counts/1"
@@ -338,7 +339,7 @@ def test_counts_file_round_trips_with_documented_fields(counts_file):
 def test_a_file_without_document_ranges_counted_whole_datasets(counts_file, tmp_path):
     path, result = counts_file
     with np.load(path, allow_pickle=False) as raw:
-        fields = {name: raw[name] for name in raw.files if name not in bg._OPTIONAL_FIELDS}
+        fields = {name: raw[name] for name in raw.files if name not in bigrams_file.OPTIONAL_FIELDS}
     np.savez(tmp_path / "older.npz", **fields)
     older = load_bigram_counts(tmp_path / "older.npz", 97, IDENTITY)
     assert older.train_documents is None and older.train_parts == [Documents(p) for p in result.train_prefixes]

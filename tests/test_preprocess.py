@@ -296,8 +296,8 @@ def test_bad_fraction_is_checked_early_once_enough_lines_are_read(tmp_path, tiny
     monkeypatch.setattr(pp, "EARLY_CHECK_LINES", 10)
     lines = [b"garbage"] * 5 + [json.dumps(d).encode() for d in docs(random_texts(200))]
     seen = []
-    original = pp._ChunkTokenizer.__call__
-    monkeypatch.setattr(pp._ChunkTokenizer, "__call__", lambda self, c: seen.append(c) or original(self, c))
+    original = pp.ChunkTokenizer.__call__
+    monkeypatch.setattr(pp.ChunkTokenizer, "__call__", lambda self, c: seen.append(c) or original(self, c))
     with pytest.raises(PreprocessError, match=r"in\.jsonl:5: invalid_json"):
         run([write_jsonl(tmp_path / "in.jsonl", lines)], tmp_path / "p", tiny, chunk_bytes=100)
     assert len(seen) < 10  # stopped soon after the first chunks, not at the end of the input
@@ -308,7 +308,7 @@ def test_interrupt_removes_partial_files_and_keeps_the_old_dataset(tmp_path, tin
     run([write_jsonl(tmp_path / "old.jsonl", docs(random_texts(5)))], tmp_path / "p", tiny)
     old = (tmp_path / "p_text_document.idx").read_bytes()
     calls = []
-    original = pp._ChunkTokenizer.__call__
+    original = pp.ChunkTokenizer.__call__
 
     def interrupted(self, chunk):
         calls.append(chunk)
@@ -317,7 +317,7 @@ def test_interrupt_removes_partial_files_and_keeps_the_old_dataset(tmp_path, tin
             raise KeyboardInterrupt
         return original(self, chunk)
 
-    monkeypatch.setattr(pp._ChunkTokenizer, "__call__", interrupted)
+    monkeypatch.setattr(pp.ChunkTokenizer, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run([write_jsonl(tmp_path / "new.jsonl", docs(random_texts(100)))], tmp_path / "p", tiny,
             chunk_bytes=500)

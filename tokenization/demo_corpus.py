@@ -2,24 +2,15 @@
 
     python -m tokenization.demo_corpus --out data/demo [--max-mb 8] [--vocab-size 4096]
 
-Every machine that runs the project has the corpus at hand, so the CPU demo needs no download.
-Writes into OUT:
+Every machine that runs the project has the corpus at hand, so the CPU demo needs no download. Writes
+into OUT the corpus in the Pile's JSONL format (one stdlib module per line), a SentencePiece BPE
+tokenizer trained on it (`spm.model`, SPMTokenizer) and the dataset `OUT/stdlib_text_document`
+(.bin/.idx/.json, made by tokenization.preprocess, the same path the Pile takes), then
+`manifest.json`; the files are listed in docs/data.md.
 
-    corpus.jsonl                     one stdlib module per line in the Pile's JSONL format:
-                                     {"text": ..., "meta": {"pile_set_name": "python-stdlib"}}
-    spm.model, spm.vocab             a SentencePiece BPE tokenizer trained on it (SPMTokenizer)
-    stdlib_text_document.bin/.idx    the tokenized documents, each followed by eod, as a
-                                     megatron-core IndexedDataset; data_path is
-                                     OUT/stdlib_text_document
-    stdlib_text_document.json,       what tokenization.preprocess writes beside a dataset: the
-    stdlib_report.json               tokenizer's identity, counts per pile_set_name
-    manifest.json                    settings and counts; written last, it marks a finished build
-
-The corpus is tokenized by tokenization.preprocess, the same path the Pile takes.
-
-Everything is built in a hidden temporary folder and renamed into place when complete, so an
-interrupted build never leaves a partial dataset that looks usable. A finished build with the same
-settings is not redone.
+Everything is built in a hidden temporary folder and renamed into place when complete, the manifest
+last, so an interrupted build never leaves a partial dataset that looks usable. A finished build with
+the same settings is not redone.
 """
 
 from __future__ import annotations

@@ -4,25 +4,17 @@
 
 The Pile ships ``train/00.jsonl.zst ... 29.jsonl.zst``, ``val.jsonl.zst`` and ``test.jsonl.zst``,
 one document per line: ``{"text": ..., "meta": {"pile_set_name": ...}}``. This writes the same
-layout, about ``--mb`` MiB of text, so the preprocessing -> bigram counts -> training path can be
-run end to end without downloading the Pile:
+layout (``train/00..02``, ``val``, ``test``; ``train/00`` two zstd frames back to back, ``train/02``
+cut short like an interrupted download), about ``--mb`` MiB of text, so the preprocessing -> bigram
+counts -> training path can be run end to end without downloading the Pile. ``OUT/planted.json``
+lists every planted bad line (file, line, reason) and the document counts.
 
-    OUT/train/00.jsonl.zst   two zstd frames back to back (multi-frame files occur in the wild)
-    OUT/train/01.jsonl.zst
-    OUT/train/02.jsonl.zst   cut short after 60% of its bytes, like an interrupted download
-    OUT/val.jsonl.zst, OUT/test.jsonl.zst
-    OUT/planted.json         every planted bad line (file, line, reason) and the document counts
-
-The documents are local text, not Pile text: the modules of this Python installation's standard
-library (``pile_set_name`` "python-stdlib": code) and its pydoc topic pages ("python-docs":
-English prose), about 12 MiB; for larger samples also installed packages' sources
-("python-packages"). They are cut at blank lines into documents of about 3 KB and shuffled with
-``--seed``.
-Planted bad lines, one per reason tokenization.preprocess reports (0.9% of the training lines
-of the default sample, under its default --max-bad-fraction of 1%; smaller samples exceed it): a
-line cut mid-JSON, a missing "text" key, a null text and a stray non-UTF-8 byte in train/00; an
-unpaired surrogate escape, a whitespace-only text, a JSON array line and a blank line in
-train/01; val and test are clean. ``--clean`` writes no bad lines and no cut file (benchmarks).
+The documents are local text, not Pile text: the standard library's modules ("python-stdlib") and
+pydoc topic pages ("python-docs"), for larger samples installed packages' sources, cut at blank lines
+into documents of about 3 KB and shuffled with ``--seed``. Bad lines of the kinds tokenization.preprocess
+reports are planted in ``train/00`` and ``train/01`` (0.9% of the default sample's training lines, under
+its default --max-bad-fraction); ``--clean`` writes no bad lines and no cut file (benchmarks). The
+files and every planted line: docs/data.md.
 """
 
 from __future__ import annotations

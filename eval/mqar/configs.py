@@ -1,25 +1,16 @@
-"""Named MQAR sweep configurations.
+"""Named MQAR sweep configurations (docs/mqar.md has the table, why `cpu` is reduced as it is, and cost).
 
 `paper`: Zoology's Figure 2 settings (Appendix E), for a GPU: vocabulary 8192, 100k fixed training
 examples and 3k test examples, 64 epochs, batch 512/512/256/128 by length, lr in logspace(-4, -2, 4),
 2 layers, AdamW (weight decay 0.1), cosine schedule without warm-up.
 
-`cpu`: a reduced sweep sized for about 90 minutes on 2 CPU cores (measured: 13,343 s of cell time, ~111 min
-on 2 workers, with two cells slowed 3-5x by a loaded machine; ~90 min of cell time per worker quiet). MQAR's phase transition comes
-much sooner with a small vocabulary, so: vocabulary V = L + 32 (the smallest round size above L),
-lengths 32/64/128 with L/16 pairs, widths 64/128/256, a fresh batch every step (no fixed training
-set to memorise), attention, BaseConv, Hyena and two BaseConv hybrids (layer 2 full attention /
-programmatic sparse attention), learning rates 1e-3 then 3e-3 for attention and 3e-3 then 1e-3 for
-the hybrids (the second runs only when the first misses 99%; the order is each one's faster rate in
-pilot cells), BaseConv and Hyena only 3e-3 (their better rate in every pilot cell), 2,000 steps per
-run (5,000 at L=128, where attention at d=64 was still rising at 2,000), early stopping at 99% test
-accuracy, and a width is not run for a mixer and length that already reached 99% at a smaller width
-(the question is the width each mixer needs; attention and the hybrids solve every length at d=64).
-The recurrences that followed Zoology (Mamba, Based, GLA, gated
-DeltaNet) use the default rates (1e-3 then 3e-3). H3 and RWKV are left to the
-`paper` sweep (the slowest mixers on CPU). Cells run in the order that answers the questions first:
-attention and the hybrids at d=64 for every length, then BaseConv length by length over all widths,
-then Hyena the same way, then the rest (attention and the hybrids at larger widths).
+`cpu`: a reduced sweep sized for about 90 minutes on 2 CPU cores: vocabulary V = L + 32, lengths
+32/64/128 with L/16 pairs, widths 64/128/256, a fresh batch every step, 2,000 steps per run (5,000 at
+L=128), early stopping at 99% test accuracy, per-mixer learning rates (a second rate only when the
+first misses 99%), and a width is not run for a mixer and length that already reached 99% at a smaller
+width. H3 and RWKV are left to `paper` (the slowest mixers on CPU). Cells run in the order that answers
+the questions first: attention and the hybrids at d=64 for every length, then BaseConv length by length
+over all widths, then Hyena the same way, then the rest.
 
 `smoke`: seconds; used by the tests.
 """

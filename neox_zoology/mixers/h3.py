@@ -1,49 +1,22 @@
 """H3 (Hungry Hungry Hippos), with heads of `head_dim` channels (H = d / head_dim heads).
 
-For channel c = h * P + i (head h, index i < P = head_dim), positions t:
+For channel c = h * P + i (head h, index i < P = head_dim), positions t (N = d_state):
 
     q, k, v = W_q u + b_q, W_k u + b_k, W_v u + b_v
-    k~_c(t) = sum_{j < N} S_{c,j} k_c(t - j) + Dk_c k_c(t)                 shift SSM + skip
-    kv_{h,i,j}(t) = k~_{h,i}(t) v_{h,j}(t)
-    s_{h,i,j}(t)  = sum_{r <= t} K_h(t - r) kv_{h,i,j}(r) + D_h kv_{h,i,j}(t)   diagonal SSM + skip
-    o_{h,j}(t)    = sum_i q_{h,i}(t) s_{h,i,j}(t)
-    y = W_o o + b_o
+    k~_c(t) = sum_{j < N} S_{c,j} k_c(t - j) + Dk_c k_c(t)                    shift SSM (N-tap FIR) + skip
+    s_{h,i,j}(t) = sum_{r <= t} K_h(t - r) k~_{h,i}(r) v_{h,j}(r) + D_h k~_{h,i}(t) v_{h,j}(t)   diagonal SSM
+    y = W_o o + b_o,   o_{h,j}(t) = sum_i q_{h,i}(t) s_{h,i,j}(t)
 
-Shift SSM (state size N = d_state): A is the N x N shift matrix, so the state holds the last N inputs
-and the convolution kernel is an N-tap FIR filter per channel,
+with S_{c,j} = sum_{n <= N-1-j} B_{c,n} C_{c,n+j} and the S4D-Lin kernel K_h(l) = 2 Re sum_{n < N/2}
+C'_{h,n} z_{h,n}^l (N/2 complex modes with their conjugates, N even), discretised bilinear (zoology's
+default: z = (1 + dt A / 2) / (1 - dt A / 2), C' = B C dt / (1 - dt A / 2)) or zoh (z = exp(dt A),
+C' = B C (exp(dt A) - 1) / A). K is computed in closed form at the input length, in fp32 (fp64 for
+fp64 parameters), once per forward; both convolutions run through `fft_causal_conv`. Head outputs are
+laid out (h, j), not the references' (j, h), so that a head stays contiguous under tensor parallelism.
 
-    S_{c,j} = sum_{n <= N-1-j} B_{c,n} C_{c,n+j}      (j < N; 0 after; taps past the input length unused)
-
-with B initialised to e_0 (so S = C at init) and C kaiming-uniform, U(+-1/sqrt(N)), as the reference
-(zoology's `SSKernelShift`, which trains B too). `train_B: false` fixes B = e_0 (S = C, the H3 paper's
-shift SSM, N fewer parameters per channel).
-
-Diagonal SSM: S4D-Lin, N/2 complex modes per head taken with their conjugates (N real state
-dimensions; N must be even):
-
-    A_{h,n} = -exp(log_A_real_{h,n}) + i A_imag_{h,n},   init -0.5 + i pi n
-    dt_h = exp(log_dt_h),                                init log-uniform in [1e-3, 1e-1]
-    K_h(l) = 2 Re sum_{n < N/2} C'_{h,n} z_{h,n}^l
-
-discretised as the reference does by default (zoology's `SSKernelDiag`, `disc="bilinear"`):
-
-    bilinear (default):  z = (1 + dt A / 2) / (1 - dt A / 2),   C' = B C dt / (1 - dt A / 2)
-    zoh:                 z = exp(dt A),                         C' = B C (exp(dt A) - 1) / A
-
-with B, C complex [H, N/2]: B trainable, initialised to 1 (`train_B: false` drops it: C' uses C
-alone, which at init is the same kernel), C ~ complex N(0, 1). K is computed in closed form at the
-input length, in fp32 (fp64 for fp64 parameters), once per forward, as one small real matmul per
-head (see `DiagonalSSMKernel.forward`). Both convolutions run through `fft_causal_conv`.
-D and Dk ~ N(0, 1). The projections start like the reference model's Linear layers: N(0,
-init_method_std) with zero biases, W_o included (zoology's scaled init of residual outputs matches
-`out_proj` / `output_linear.0` names, not H3's `output_linear`).
-
-Deliberate choice against the reference: the references lay the head outputs out as (j, h); we keep
-(h, j) so that a head's outputs stay contiguous under tensor parallelism (W_o is initialised i.i.d.,
-so this only relabels its input columns).
-
-Tensor parallelism: heads split. The q/k/v projection is one column-parallel Linear with a per-head
-[q | k | v] layout, all SSM parameters hold this rank's heads / channels, W_o is row-parallel.
+Tensor parallelism: heads split; q/k/v is one column-parallel Linear with a per-head [q | k | v] layout,
+the SSM parameters hold this rank's heads / channels, W_o is row-parallel. Initialisation, `train_B`
+and the derivation: docs/layers.md, "H3".
 """
 from __future__ import annotations
 

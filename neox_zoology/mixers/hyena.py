@@ -6,36 +6,18 @@
     v = h * v + D * v                                h: implicit long filter, causal FFT convolution
     y = out_proj(v * x2)
 
-Implicit filter, one value per (position t, channel c):
-
-    z_t = [t, Re e^{-i f w_t}, Im e^{-i f w_t}]      positional features, emb_dim (odd) wide
-    g   = Sin(Linear(emb_dim, order)(z)); g = Sin(Linear(order, order)(g)) twice
-    h   = Linear(order, d, no bias)(g) * exp(-t |delta_c|)      (exponential modulation)
-
-with Sin(x) = sin(freq * x), freq a trainable [order] vector initialised to `w`, and
-delta = linspace(ln(1e-2)/1.5, ln(1e-2)/0.3, d) (slow .. fast decay to 1e-2). D ~ N(0, 1) per
-channel. `modulate: false` drops the exponential window. One Sin module (one frequency vector) is
-shared by the three activations, as in the references (they append the same module object three times).
-
-Initialisation and training as zoology's model: the filter MLP's Linear layers N(0, init_method_std)
-with zero biases (`filter_init: normal`; `kaiming_uniform` keeps nn.Linear's default, see
-filters.FILTER_INITS), and the positional features z are a trained parameter (`train_pos_emb: true`;
-zoology's optimizer trains every parameter, ignoring the lr the module asks for; `false` freezes
-them, as a buffer). The filter, z included, gets no weight decay (kernel parameters, see
-`exclude_from_weight_decay`); zoology's MQAR trainer decays every parameter.
-
-The filter uses the model's learning rate: the references' filter modules ask for lr 1e-3 through an
-`_optim` attribute, which zoology's trainer ignores and safari's Pile config sets to the model's lr.
-
-Deliberate choice against the references:
-- in_proj's 3d outputs are laid out channel-major, stream-minor ([c, (x1, x2, v)]) rather than
-  [x1 | x2 | v], so that a contiguous tensor-parallel shard holds matching channels of all three
-  streams. Initialisation is i.i.d., so this is only a relabelling of rows.
+The implicit filter has one value per (position t, channel c): trained positional features z_t
+(`emb_dim` wide, odd) through a sine-activated MLP (one trainable frequency vector, shared) and an
+exponential decay window, h = Linear(order, d)(MLP(z_t)) * exp(-t |delta_c|) (`modulate: false` drops
+the window). The filter, z included, gets no weight decay and the model's learning rate. in_proj's 3d
+outputs are laid out channel-major ([c, (x1, x2, v)]), not [x1 | x2 | v], so that a contiguous
+tensor-parallel shard holds matching channels of all three streams.
 
 Tensor parallelism: channels split. in_proj is column-parallel (interleaved layout above), the short
 conv, D, the modulation deltas and the filter's last Linear hold this rank's channels, out_proj is
 row-parallel. The filter's inner MLP (and z) is replicated; its input to the last Linear enters the TP
-region through `copy_to_tp`, so its gradients are summed over all channels.
+region through `copy_to_tp`, so its gradients are summed over all channels. The filter's formulas,
+initialisation and the choices against the references: docs/layers.md, "Hyena".
 """
 from __future__ import annotations
 

@@ -1,49 +1,23 @@
 """RWKV-4: the time mix as the sequence mixer, the channel mix as the block's MLP.
 
-Time mix, per channel c and position t (x_{-1} = 0):
+Time mix, per channel c and position t (x_{-1} = 0; xk, xv, xr: token-shift mixes of x_t and x_{t-1}):
 
-    xk = mu_k x_t + (1 - mu_k) x_{t-1}        (likewise xv, xr with mu_v, mu_r: token shift)
     k = W_k xk,  v = W_v xv,  r = W_r xr
     wkv_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t)
           / (sum_{i<t} e^{-(t-1-i) w + k_i}     + e^{u + k_t})
-    y = W_o (sigmoid(r) * wkv)
+    y = W_o (sigmoid(r) * wkv),      w = exp(time_decay) > 0,  u = time_first
 
-with w = exp(time_decay) > 0 (RWKV-4's kernel takes -exp(time_decay) and decays by e^{-w} per step)
-and u = time_first. Init as RWKV-4, with r0 = (layer - 1) / (num_layers - 1), r1 = 1 - (layer - 1) /
-num_layers (layer counted from 1 over all layers):
-time_decay_c = -5 + 8 (c / (d - 1))^(0.7 + 1.3 r0); time_first_c = ln 0.3 + 0.5 ((c + 1) mod 3 - 1);
-mu_k = (c/d)^r1, mu_v = (c/d)^r1 + 0.3 r0, mu_r = (c/d)^(0.5 r1).
+Channel mix (ChannelMix, registered as this type's `mlp`): y = sigmoid(W_r xr) * (W_v relu(W_k xk)^2).
 
-Channel mix (ChannelMix, registered as this type's `mlp`):
-
-    k = relu(W_k xk)^2   (W_k: d -> ffn, ffn = the block's MLP width, 4d by default)
-    y = sigmoid(W_r xr) * (W_v k)          mu_k = mu_r = (c/d)^r1
-
-WKV is computed exactly, with no CUDA kernel and no length limit (see `wkv`): the sequence is cut
-into chunks of `wkv_chunk` positions; inside a chunk the sums are one masked [T, T+1] product per
-chunk (the chunk's own positions plus the state entering it) whose exponents are formed directly as
--(t-1-i) w + k_i and shifted by their row maximum before `exp`; the state entering each chunk is the
-same decayed sum over chunk summaries (decay T w per chunk), computed by the same function
-recursively. Every sum is carried as (a, p) with value a e^p, so nothing overflows for any k or w,
-and no exponent is formed as a difference of large numbers. fp32 throughout (fp64 for fp64 inputs). Channels are processed
-in blocks, each checkpointed: the [., T, T+1] temporaries exist for one block at a time and are
-recomputed in backward instead of stored (T = 4 and ~1M-element blocks measured fastest on CPU: 1.6x
-faster than T = 8 unblocked).
-
-Projections have no bias, as in RWKV-4. The time mix's W_k, W_v, W_r, W_o start as in zoology's
-model, with nn.Linear's default init, U(+-1/sqrt(d)) (`projection_init: kaiming_uniform`): its mixer
-is a TorchScript module, whose Linear layers its `_init_weights` does not see (RWKV-4's own init,
-which zeroes some of them, is never called there). `projection_init: init_method` uses the stack's
-init methods instead (init_method; output_layer_init_method for W_o).
-
-Deliberate choices against the references: the layer ratios r0, r1 use the model's real depth;
-zoology passes only the layer index and computes them as if num_layers = 12 (from layer 14 on, its
-r1 < 0 makes mu of channel 0 infinite). The channel mix uses the stack's init methods.
+WKV is computed exactly, with no CUDA kernel and no length limit (see `wkv`): chunks of `wkv_chunk`
+positions, each one masked [T, T+1] product whose exponents are shifted by their row maximum, and the
+state entering a chunk carried as (a, p) with value a e^p, so nothing overflows for any k or w; fp32
+throughout (fp64 for fp64 inputs); channel blocks are checkpointed. Projections have no bias.
 
 Tensor parallelism: channels split. Time mix: W_k, W_v, W_r column-parallel, time_decay / time_first
-hold this rank's channels, W_o row-parallel; the token-shift mixes act on the replicated input.
-Channel mix: W_k column-parallel, W_v row-parallel, W_r replicated (its d x d product is computed on
-every rank: cheaper than gathering a column-parallel gate).
+hold this rank's channels, W_o row-parallel. Channel mix: W_k column-parallel, W_v row-parallel, W_r
+replicated. Initialisation, the WKV derivation and its measurements, and the choices against the
+references: docs/layers.md, "RWKV-4".
 """
 from __future__ import annotations
 

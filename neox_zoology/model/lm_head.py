@@ -7,19 +7,15 @@ With `lm_head_chunk_tokens: N > 0` the last layer does not multiply by the head 
 
 - forward, N tokens at a time: the chunk's logits [N, V/tp] (in fp32, as the unchunked path), their max,
   sum of exponentials and target logit, each all-reduced over the TP group exactly as megatron-core's
-  `vocab_parallel_cross_entropy` does (its own helpers compute them). Kept for backward: the hidden states
-  (which the unchunked head keeps too), the weight, the labels and two floats per token (max, sum-exp).
+  `vocab_parallel_cross_entropy` does (its own helpers compute them). Kept for backward: the hidden
+  states, the weight, the labels and two floats per token (max, sum-exp).
 - backward, N tokens at a time: the chunk's logits are recomputed, turned in place into
   (softmax - one-hot) * dNLL, and give the chunk's rows of dL/dh and its share of dL/dW (accumulated in
-  fp32). One chunk's logits exist at a time; the extra cost is one [N, h] x [h, V/tp] matmul per chunk
-  (4 head matmuls per step instead of 3).
+  fp32). One chunk's logits exist at a time, for one extra [N, h] x [h, V/tp] matmul per chunk.
 
-The weight travels as an autograd view of the parameter, not the parameter itself. The training engine
-hooks the tensors a model returns to run its backward set-up (DeepSpeed starts its timers, enters ZeRO's
-backward and sets the accumulation boundary there, and scales by 1/accumulation steps for torch-style
-`loss.backward()`); unchunked, that hook sits on the logits, before any parameter gradient. Here it sits
-on the hidden states and on the weight view, so it still runs before the head weight's gradient is
-accumulated, and scales that gradient too.
+The weight travels as an autograd view of the parameter, so that the training engine's backward set-up
+hook runs before the head weight's gradient is accumulated and scales that gradient too (why:
+docs/performance.md, "The chunked head and the engine's backward hook").
 """
 from __future__ import annotations
 
