@@ -141,6 +141,19 @@ def test_one_pass_prefill_state_equals_the_stepped_state(case):
                                     f"layer {i} mlp")
 
 
+def test_h3_modes_in_closed_form_carry_across_chunks():
+    torch.manual_seed(0)
+    mixer = tiny(["h3"], h3={"head_dim": 2, "d_state": 8}).double().blocks[0].mixer
+    kv = torch.randn(2, 16, 2, 2, 23, dtype=torch.float64)
+    whole = mixer._modes(kv)
+    torch.testing.assert_close(mixer._modes(kv, chunk=5), whole, rtol=1e-12, atol=1e-12)
+    state = {"x": torch.zeros_like(whole)}  # the recurrence x <- z x + kv, position by position
+    z = torch.exp(mixer.ssm.discrete()[1])[None, :, None, None]
+    for t in range(kv.shape[-1]):
+        state["x"] = z * state["x"] + kv[..., t, None]
+    torch.testing.assert_close(whole, state["x"], rtol=1e-10, atol=1e-10)
+
+
 def test_long_filters_refuse_positions_past_seq_length():
     model = tiny(["baseconv", "baseconv"])
     _, state = model.prefill(tokens(s=L))
