@@ -194,15 +194,18 @@ class H3(Mixer):
         over chunks of positions (x <- z^c x + the chunk's own sum), [b, H, P, P, N/2] complex."""
         _, log_z = self.ssm.discrete()  # [H, N/2]
         b, H, P, _, s = kv.shape
-        x = torch.zeros(b, H, P, P, log_z.shape[-1], dtype=log_z.dtype, device=kv.device)
         real = log_z.real.dtype
-        for start in range(0, s, chunk):
-            part = kv[..., start:start + chunk].to(real)
-            n = part.shape[-1]
-            age = torch.arange(n - 1, -1, -1, device=kv.device, dtype=real)  # positions after each one
-            powers = torch.exp(log_z[..., None] * age)  # [H, N/2, n]: z^(n-1-r)
-            x = x * torch.exp(log_z * n)[None, :, None, None] + torch.einsum(
-                "bhijr,hnr->bhijn", part.to(log_z.dtype), powers)
+        c = max(1, min(chunk, s))
+        age = torch.arange(c - 1, -1, -1, device=kv.device, dtype=real)
+        mag, angle = torch.exp(log_z.real[..., None] * age), log_z.imag[..., None] * age  # z^(c-1-r), real parts
+        re, im = mag * torch.cos(angle), mag * torch.sin(angle)  # kv is real: two real products
+        x = torch.zeros(b, H, P, P, log_z.shape[-1], dtype=log_z.dtype, device=kv.device)
+        for start in range(0, s, c):
+            part = kv[..., start:start + c].to(real)
+            n = part.shape[-1]  # the last chunk may be shorter: the last n powers are z^(n-1) .. z^0
+            own = torch.complex(torch.einsum("bhijr,hnr->bhijn", part, re[..., c - n:]),
+                                torch.einsum("bhijr,hnr->bhijn", part, im[..., c - n:]))
+            x = x * torch.exp(log_z * n)[None, :, None, None] + own
         return x
 
     # -- decoding: the exact recurrences of both SSMs. Shift SSM: its last N - 1 inputs (an N-tap filter).
