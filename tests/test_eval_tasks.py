@@ -99,6 +99,8 @@ def test_eval_tasks_keys_are_checked(monkeypatch):
 
     args = build_args({**BASE, "eval_tasks": ["piqa", "lambada_openai"], "eval_tasks_limit": 0.5}, world_size=1)
     assert args.eval_tasks == ["piqa", "lambada_openai"] and "eval_tasks" not in args.ignored_keys
+    assert args.eval_tasks_limit == 0.5 and build_args({**BASE, "eval_tasks": ["piqa"]}, world_size=1).eval_tasks_limit == 10
+    assert build_args({**BASE, "eval_tasks": ["piqa"], "eval_tasks_limit": None}, world_size=1).eval_tasks_limit is None
     for bad, words in ((["piqa,lambada"], "one lm-eval task name per list entry"), ("piqa", "use a list"),
                        ([3], "use a string")):
         with pytest.raises(ConfigError, match=words):

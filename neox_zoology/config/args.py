@@ -207,8 +207,9 @@ class Args:
         items=Rule("str", parse=_task_name_problem))
     eval_tasks_include_path: list | None = _doc("folders of local lm-eval task YAMLs that eval_tasks may name", None,
                                                 items=Rule("str", parse=_nonempty))
-    eval_tasks_limit: float | None = _doc("documents per eval_tasks task (below 1: a fraction of them)", None, gt=0,
-                                          hint="null: every document")
+    eval_tasks_limit: float | None = _doc(
+        "documents per eval_tasks task (below 1: a fraction of them); 10 as GPT-NeoX's in-training evaluation",
+        10, gt=0, hint="null: every document")
     # ---- per-mixer sections (one key per registered layer type) ----
     mixer_sections: dict = _doc("internal: the YAML sections of the layer types", factory=dict)
     # ---- derived (not YAML keys) ----

@@ -30,9 +30,8 @@ def validate_ar_eval(args: Args, where, check_files: bool = True) -> None:
 def validate_eval_tasks(args: Args, where) -> None:
     """eval_tasks needs lm-eval installed; its companion keys mean nothing without it."""
     if not args.eval_tasks:
-        for key in ("eval_tasks_include_path", "eval_tasks_limit"):
-            if getattr(args, key) is not None:
-                args.config_notes.append(f"{key} is set but eval_tasks is empty: no lm-eval tasks run")
+        if args.eval_tasks_include_path:
+            args.config_notes.append("eval_tasks_include_path is set but eval_tasks is empty: no lm-eval tasks run")
         return
     import importlib.util
 
