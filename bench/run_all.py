@@ -31,6 +31,7 @@ BENCHMARKS = [
     ("preprocess", ["bench.preprocess", "--mb", "24", "--rounds", "2", "--out", "{r}/preprocess.json",
                     "--md", "{r}/preprocess.md"]),
     ("decode", ["bench.decode", "--out", "{r}/decode.json", "--md", "{r}/decode.md", "--png", "{r}/decode.png"]),
+    ("prefill", ["bench.prefill", "--out", "{r}/prefill.json", "--md", "{r}/prefill.md"]),
     ("bigrams", ["bench.bigrams", "--out", "{r}/bigrams.json", "--md", "{r}/bigrams.md"]),
     ("recall", ["bench.recall", "--out", "{r}/recall.json", "--md", "{r}/recall.md"]),
 ]

@@ -152,6 +152,11 @@ def _decode(d):
     return rows
 
 
+def _prefill(d):
+    return [(f"{r['row']} prefill of {r['prompt']:,} tokens: stepped time / one-pass time", r["speedup"], None, None)
+            for r in d["results"]]
+
+
 EXTRACTORS = {
     "trainer_overhead": _trainer_overhead,
     "train_throughput": _train_throughput,
@@ -167,6 +172,7 @@ EXTRACTORS = {
     "bigrams": _bigrams,
     "recall": _recall,
     "decode": _decode,
+    "prefill": _prefill,
 }
 
 

@@ -82,6 +82,78 @@ def test_variants_decode_like_the_full_forward(variant):
     assert_steps_match(tiny(types, **keys), tokens(s=L), split=5)
 
 
+ONE_PASS = ["based", "gla", "gated_deltanet", "mamba", "hyena", "h3", "rwkv"]
+"""Layer types whose prompt state comes from the full-sequence forward (no token loop)."""
+
+
+def assert_states_close(ours, stepped, where="state"):
+    assert type(ours) is type(stepped) or (torch.is_tensor(ours) and torch.is_tensor(stepped)), where
+    if torch.is_tensor(ours):
+        assert ours.shape == stepped.shape and ours.dtype == stepped.dtype, f"{where}: {ours.shape} {stepped.shape}"
+        torch.testing.assert_close(ours, stepped, rtol=1e-10, atol=1e-10 * max(1.0, stepped.abs().amax().item() if stepped.numel() else 0.0),
+                                   msg=lambda m: f"{where}: {m}")
+    elif isinstance(ours, dict):
+        assert ours.keys() == stepped.keys(), where
+        for key in ours:
+            assert_states_close(ours[key], stepped[key], f"{where}.{key}")
+    elif isinstance(ours, (list, tuple)):
+        assert len(ours) == len(stepped), where
+        for i, (a, b) in enumerate(zip(ours, stepped)):
+            assert_states_close(a, b, f"{where}[{i}]")
+    else:
+        assert ours == stepped, where
+
+
+STATE_VARIANTS = {
+    "based-conv": ("based", {"based": {"conv_size": 3, "chunk_size": 4}}),
+    "gla-conv-chunk": ("gla", {"gla": {"conv_size": 4, "chunk_size": 4}}),
+    "gated_deltanet-chunk": ("gated_deltanet", {"gated_deltanet": {"chunk_size": 4}}),
+    "gated_deltanet-noconv": ("gated_deltanet", {"gated_deltanet": {"conv_size": 0, "chunk_size": 8}}),
+    "mamba-chunk": ("mamba", {"mamba": {"chunk_size": 4}}),
+    "h3-heads-zoh": ("h3", {"h3": {"head_dim": 2, "discretization": "zoh", "d_state": 8}}),
+    "rwkv-chunk": ("rwkv", {"rwkv": {"wkv_chunk": 3}}),
+}
+
+
+@pytest.mark.parametrize("case", registry.names() + sorted(STATE_VARIANTS))
+def test_one_pass_prefill_state_equals_the_stepped_state(case):
+    """fp64: the state a mixer (and a stateful MLP) builds from a whole prompt equals stepping the prompt
+    token by token, and its one-pass output equals its forward."""
+    from neox_zoology.inference.model import _stepped_state, mixer_prefill, prefill_state, stateful
+
+    name, keys = STATE_VARIANTS.get(case, (case, {}))
+    torch.manual_seed(0)
+    model = tiny([name, name], **keys).double()
+    if name in ONE_PASS:
+        assert all(callable(getattr(b.mixer, "prefill", None)) for b in model.blocks), name
+    tok = tokens(s=19)
+    x = torch.randn(19, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            ids, need = (tok if block.needs_token_ids else None), block.needs_token_ids
+            out, bias, state = mixer_prefill(block.mixer, x, ids, need)
+            ref, ref_bias = block.mixer(x, token_ids=ids)
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+            assert (bias is None) == (ref_bias is None)
+            assert_states_close(state, _stepped_state(block.mixer, x, ids, need), f"layer {i} mixer")
+            if block.mlp is not None and stateful(block.mlp):
+                assert_states_close(prefill_state(block.mlp, x), _stepped_state(block.mlp, x, None, False),
+                                    f"layer {i} mlp")
+
+
+def test_h3_modes_in_closed_form_carry_across_chunks():
+    torch.manual_seed(0)
+    mixer = tiny(["h3"], h3={"head_dim": 2, "d_state": 8}).double().blocks[0].mixer
+    kv = torch.randn(2, 16, 2, 2, 23, dtype=torch.float64)
+    whole = mixer._modes(kv)
+    torch.testing.assert_close(mixer._modes(kv, chunk=5), whole, rtol=1e-12, atol=1e-12)
+    state = {"x": torch.zeros_like(whole)}  # the recurrence x <- z x + kv, position by position
+    z = torch.exp(mixer.ssm.discrete()[1])[None, :, None, None]
+    for t in range(kv.shape[-1]):
+        state["x"] = z * state["x"] + kv[..., t, None]
+    torch.testing.assert_close(whole, state["x"], rtol=1e-10, atol=1e-10)
+
+
 def test_long_filters_refuse_positions_past_seq_length():
     model = tiny(["baseconv", "baseconv"])
     _, state = model.prefill(tokens(s=L))

@@ -43,6 +43,11 @@ def _partition_problem(text: str) -> str | None:
 def _nonempty(text: str) -> str | None:
     return None if text.strip() else "give a directory (or null for none)"
 
+def _task_name_problem(text: str) -> str | None:
+    if not text.strip() or "," in text:
+        return "give one lm-eval task name per list entry, e.g. [lambada_openai, piqa]"
+    return None
+
 def _doc(text: str, default: Any = MISSING, factory: Any = MISSING, **rule):
     """A field of `Args`: its documentation, its default and its `Rule` (kind from the annotation)."""
     meta = {"doc": text, "rule": Rule(**rule)}
@@ -196,6 +201,15 @@ class Args:
     ar_eval: dict = _doc(
         "AR-slice evaluation after each checkpoint: {enabled, iters, threshold, bigram_counts, reference, strict, "
         "timeout} (see README 'AR-slice evaluation')", factory=AR_EVAL.normalized, section=AR_EVAL, null=True)
+    eval_tasks: list | None = _doc(
+        "lm-evaluation-harness task names (GPT-NeoX's key), run on the weights of every saved checkpoint: "
+        "<checkpoint>/eval_tasks.json and tensorboard (docs/inference.md); needs the `eval` extra", None,
+        items=Rule("str", parse=_task_name_problem))
+    eval_tasks_include_path: list | None = _doc("folders of local lm-eval task YAMLs that eval_tasks may name", None,
+                                                items=Rule("str", parse=_nonempty))
+    eval_tasks_limit: float | None = _doc(
+        "documents per eval_tasks task (below 1: a fraction of them); 10 as GPT-NeoX's in-training evaluation",
+        10, gt=0, hint="null: every document")
     # ---- per-mixer sections (one key per registered layer type) ----
     mixer_sections: dict = _doc("internal: the YAML sections of the layer types", factory=dict)
     # ---- derived (not YAML keys) ----

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from neox_zoology.config.args import ARG_RULES, Args
 from neox_zoology.config.schema import ConfigError
-from neox_zoology.config.validate import DATA_LISTS, ar_eval_file_problem
+from neox_zoology.config.validate import DATA_LISTS, ar_eval_file_problem, eval_tasks_path_problem
 
 
 def check_launch(args: Args) -> None:
@@ -87,6 +87,12 @@ def check_paths(args: Args, need_data: bool = True) -> None:
             if problem:
                 raise ConfigError(f"{args.sources.get(key, 'config')}: {key}: {problem}; give a directory this user "
                                   f"can write")
+    tasks_problem = eval_tasks_path_problem(args)
+    if tasks_problem:
+        if not need_data:
+            args.config_notes.append(f"{tasks_problem.split(';')[0]} (a launch needs it)")
+        else:
+            raise ConfigError(f"{args.sources.get('eval_tasks_include_path', 'config')}: {tasks_problem}")
     problem = ar_eval_file_problem(args)  # its bigram counts are made from the data: checked after it
     if not need_data:
         if problem:

@@ -21,7 +21,7 @@ NEOX_NO_EFFECT = {
     "log_grad_pct_zeros", "log_param_norm", "log_optimizer_states", "log_gradient_noise_scale",
     "gradient_noise_scale_n_batches", "gradient_noise_scale_cpu_offload", "dump_state",
     "memory_profiling", "memory_profiling_path", "profile", "profile_step_start", "profile_step_stop",
-    "short_seq_prob", "eval_tasks", "sparsity_config", "opt_pos_emb_offset",
+    "short_seq_prob", "sparsity_config", "opt_pos_emb_offset",
     "apply_query_key_layer_scaling", "attention_softmax_in_fp32", "rpe_num_buckets", "rpe_max_distance",
     "gmlp_attn_dim", "adlr_autoresume", "adlr_autoresume_interval", "onnx_safe", "comment",
     "no_save_optim", "no_save_rng", "zero_stage",

@@ -27,6 +27,30 @@ def validate_ar_eval(args: Args, where, check_files: bool = True) -> None:
             raise ConfigError(f"{w}: {problem}")
 
 
+def validate_eval_tasks(args: Args, where) -> None:
+    """eval_tasks needs lm-eval installed; its companion keys mean nothing without it."""
+    if not args.eval_tasks:
+        if args.eval_tasks_include_path:
+            args.config_notes.append("eval_tasks_include_path is set but eval_tasks is empty: no lm-eval tasks run")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(f"{where('eval_tasks')}: eval_tasks: {args.eval_tasks!r} needs lm-evaluation-harness, "
+                          f"which is not installed; pip install '.[eval]' (or remove eval_tasks)")
+    if not args.save:
+        args.config_notes.append("eval_tasks: no `save` path, so no checkpoint is saved and no task runs")
+
+
+def eval_tasks_path_problem(args: Args) -> str | None:
+    """A missing eval_tasks_include_path folder, or None."""
+    for folder in (args.eval_tasks_include_path or []) if args.eval_tasks else []:
+        if not Path(folder).is_dir():
+            return (f"eval_tasks_include_path: folder {folder} not found; give the folder of the task YAMLs "
+                    f"(e.g. tests/data/lm_eval) or remove it")
+    return None
+
+
 def ar_eval_file_problem(args: Args) -> str | None:
     """What is missing of an enabled ar_eval's files (bigram counts, reference), or None."""
     cfg = args.ar_eval or {}
@@ -183,6 +207,7 @@ def validate_args(args: Args, where) -> None:
             f"{args.train_micro_batch_size_per_gpu} x accumulation {args.gradient_accumulation_steps} x DP {args.dp}"
         )
     validate_ar_eval(args, where, check_files=False)
+    validate_eval_tasks(args, where)
     # per-mixer arguments at this shape
     shape = args.shape()
     for t in sorted(set(args.layer_types)):

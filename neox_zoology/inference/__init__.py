@@ -20,7 +20,7 @@ SINGLE_PROCESS = {"model_parallel_size": 1, "pipe_parallel_size": 0, "lm_head_ch
 """Keys a single-process decoder sets whatever the run had (the weights do not depend on them)."""
 
 _RUN_ONLY = ("load", "save", "tensorboard_dir", "log_dir", "data_path", "train_data_paths", "valid_data_paths",
-             "test_data_paths", "data_cache_path")
+             "test_data_paths", "data_cache_path", "eval_tasks", "eval_tasks_include_path", "eval_tasks_limit")
 
 
 def inference_args(raw: dict, identity: dict):

@@ -2,9 +2,10 @@
 
 The layers are the training model's own modules (`SequentialGPT` built at TP = PP = 1); decoding asks
 each mixer for its recurrent state through `initial_state(batch, dtype, device)` and
-`step(x [b, h], state) -> (y [b, h], state)` (and `prefill_state(x [s, b, h], token_ids)` where a mixer
-can build its state from a whole prompt at once; otherwise the prompt is stepped through). A block MLP
-with a state of its own (RWKV's channel mix) declares the same pair. Nothing here names a layer type.
+`step(x [b, h], state) -> (y [b, h], state)`, and where a mixer can build its state from a whole prompt at
+once `prefill(x [s, b, h]) -> (y, bias, state)` (forward and state in one pass) or `prefill_state(x, token_ids)`;
+otherwise the prompt is stepped through. A block MLP with a state of its own (RWKV's channel mix) declares
+the same pair. Nothing here names a layer type.
 """
 from __future__ import annotations
 
@@ -38,10 +39,24 @@ def _stepped_state(module, x: torch.Tensor, token_ids, needs_ids: bool):
 
 def prefill_state(module, x: torch.Tensor, token_ids=None, needs_ids: bool = False):
     """The decoding state of a mixer (or stateful MLP) after the positions of x [s, b, h]."""
+    if callable(getattr(module, "prefill", None)):
+        return mixer_prefill(module, x, token_ids, needs_ids)[2]
     fast = getattr(module, "prefill_state", None)
     if fast is not None:
         return fast(x, token_ids) if needs_ids else fast(x)
     return _stepped_state(module, x, token_ids, needs_ids)
+
+
+def mixer_prefill(mixer, x: torch.Tensor, token_ids=None, needs_ids: bool = False):
+    """(output, bias, state after x [s, b, h]): one pass where the mixer declares `prefill(x)`, else its
+    forward and `prefill_state` (or the prompt stepped through)."""
+    if callable(getattr(mixer, "prefill", None)):
+        return mixer.prefill(x, token_ids=token_ids) if needs_ids else mixer.prefill(x)
+    out, bias = mixer(x, token_ids=token_ids)
+    fast = getattr(mixer, "prefill_state", None)
+    if fast is not None:
+        return out, bias, (fast(x, token_ids) if needs_ids else fast(x))
+    return out, bias, _stepped_state(mixer, x, token_ids, needs_ids)
 
 
 def stateful(module) -> bool:
@@ -91,10 +106,9 @@ class InferenceModel(nn.Module):
         for block in self.blocks:
             ids = tokens if block.needs_token_ids else None
             n = block.input_norm(x)
-            m, bias = block.mixer(n, token_ids=ids)
+            m, bias, mixer_state = mixer_prefill(block.mixer, n, ids, block.needs_token_ids)
             if bias is not None:
                 m = m + bias
-            mixer_state = prefill_state(block.mixer, n, ids, block.needs_token_ids)
             if block.mlp is None:  # a block of a mixer without an MLP (mamba's default)
                 x = x + m
                 states.append({"mixer": mixer_state, "mlp": None})

@@ -127,15 +127,17 @@ class H3(Mixer):
         self.out_proj = RowLinear(d, d, config=config, init_method=config.init_method, bias=True,
                                   input_is_parallel=True, skip_bias_add=False)
 
-    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+    def _sequence(self, hidden_states, keep_state: bool = False):
+        """(output, state after the last position or None): forward and prefill in one pass."""
         s, b, _ = hidden_states.shape
         H, P = self.local_heads, self.head_dim
         qkv = column_linear_channels_first(hidden_states, self.qkv)  # [b, H * 3 * P, s]
-        q, k, v = qkv.view(b, H, 3, P, s).unbind(2)  # each [b, H, P, s]
-        k = k.reshape(b, H * P, s)
+        q, k_in, v = qkv.view(b, H, 3, P, s).unbind(2)  # each [b, H, P, s]
+        k_in = k_in.reshape(b, H * P, s)
         taps = shift_kernel(self.shift_C, self.shift_B)[:, :s]
-        k = fft_causal_conv(k, taps, skip=self.D_k)  # shift SSM + D_k k
+        k = fft_causal_conv(k_in, taps, skip=self.D_k)  # shift SSM + D_k k
         kv = k.view(b, H, P, 1, s) * v.view(b, H, 1, P, s)  # [b, H, P_i, P_j, s]
+        state = {"k": self._shift_state(k_in), "x": self._modes(kv)} if keep_state else None
         kv = kv.reshape(b, H * P * P, s)
         # every (i, j) pair of a head shares the head's kernel and skip
         K = self.ssm(s)
@@ -144,7 +146,40 @@ class H3(Mixer):
             K, Dh = K.repeat_interleave(P * P, dim=0), Dh.repeat_interleave(P * P)
         ssm_out = fft_causal_conv(kv, K, skip=Dh).view(b, H, P, P, s)  # diagonal SSM + D kv
         o = (q.unsqueeze(3) * ssm_out).sum(2) if P > 1 else q * ssm_out[:, :, 0]  # sum over i: [b, H, P_j, s]
-        return row_linear_channels_first(o.reshape(b, H * P, s), self.out_proj), None
+        return row_linear_channels_first(o.reshape(b, H * P, s), self.out_proj), state
+
+    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+        return self._sequence(hidden_states)[0], None
+
+    def prefill(self, hidden_states):
+        """x [s, b, d] -> (forward's output, its bias (None), the decoding state after position s - 1)."""
+        y, state = self._sequence(hidden_states, keep_state=True)
+        return y, None, state
+
+    def _shift_state(self, k: torch.Tensor) -> torch.Tensor:
+        """The shift SSM's last N - 1 inputs after k [b, H * P, s] (zeros before the sequence)."""
+        n = self.shift_C.shape[-1] - 1
+        padded = torch.nn.functional.pad(k, (n, 0))
+        return padded[..., padded.shape[-1] - n:].contiguous()
+
+    def _modes(self, kv: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """The diagonal SSM's modes after kv [b, H, P, P, s]: x_n = sum_r z_n^(s-1-r) kv(r), in closed form
+        over chunks of positions (x <- z^c x + the chunk's own sum), [b, H, P, P, N/2] complex."""
+        _, log_z = self.ssm.discrete()  # [H, N/2]
+        b, H, P, _, s = kv.shape
+        real = log_z.real.dtype
+        c = max(1, min(chunk, s))
+        age = torch.arange(c - 1, -1, -1, device=kv.device, dtype=real)
+        mag, angle = torch.exp(log_z.real[..., None] * age), log_z.imag[..., None] * age  # z^(c-1-r), real parts
+        re, im = mag * torch.cos(angle), mag * torch.sin(angle)  # kv is real: two real products
+        x = torch.zeros(b, H, P, P, log_z.shape[-1], dtype=log_z.dtype, device=kv.device)
+        for start in range(0, s, c):
+            part = kv[..., start:start + c].to(real)
+            n = part.shape[-1]  # the last chunk may be shorter: the last n powers are z^(n-1) .. z^0
+            own = torch.complex(torch.einsum("bhijr,hnr->bhijn", part, re[..., c - n:]),
+                                torch.einsum("bhijr,hnr->bhijn", part, im[..., c - n:]))
+            x = x * torch.exp(log_z * n)[None, :, None, None] + own
+        return x
 
     # -- decoding: the exact recurrences of both SSMs. Shift SSM: its last N - 1 inputs (an N-tap filter).
     # Diagonal SSM, per mode n: x_n(t) = z_n x_n(t-1) + kv(t), s(t) = 2 Re sum_n C'_n x_n(t) + D kv(t),

@@ -116,15 +116,25 @@ class Hyena(Mixer):
         self.out_proj = RowLinear(d, d, config=config, init_method=config.output_layer_init_method, bias=True,
                                   input_is_parallel=True, skip_bias_add=False)
 
-    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+    def _sequence(self, hidden_states, keep_state: bool = False):
+        """(output, state after the last position or None): forward and prefill in one pass."""
         s, b, _ = hidden_states.shape
         # channels-first from the projection on: the short conv, gating and FFT run on contiguous rows
-        u = column_linear_channels_first(hidden_states, self.in_proj)  # [b, 3 d_local, s], channel-major
-        u = self.short_filter(u)
+        raw = column_linear_channels_first(hidden_states, self.in_proj)  # [b, 3 d_local, s], channel-major
+        u = self.short_filter(raw)
         x1, x2, v = u.view(b, self.local_channels, 3, s).unbind(2)
         v = v * x1
+        state = {"short": self.short_filter.prefill_state(raw), "v": v.contiguous()} if keep_state else None
         v = fft_causal_conv(v, self.filter(s), skip=self.D)  # h * v + D v
-        return row_linear_channels_first(v * x2, self.out_proj), None
+        return row_linear_channels_first(v * x2, self.out_proj), state
+
+    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+        return self._sequence(hidden_states)[0], None
+
+    def prefill(self, hidden_states):
+        """x [s, b, d] -> (forward's output, its bias (None), the decoding state after position s - 1)."""
+        y, state = self._sequence(hidden_states, keep_state=True)
+        return y, None, state
 
     # -- decoding: the short filter's last k - 1 inputs and the long filter's input history (O(L) per position,
     # at most seq_length positions)

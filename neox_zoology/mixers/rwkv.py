@@ -155,15 +155,35 @@ class RWKVTimeMix(Mixer):
         self.output = RowLinear(d, d, config=config, init_method=outer, bias=False,
                                 input_is_parallel=True, skip_bias_add=False)
 
-    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+    def _sequence(self, hidden_states, keep_state: bool = False):
+        """(output, state after the last position or None): forward and prefill in one pass."""
         x = hidden_states  # [s, b, h]
         prev = token_shift(x)
         k, _ = self.key(prev + self.time_mix_k * (x - prev))
         v, _ = self.value(prev + self.time_mix_v * (x - prev))
         r, _ = self.receptance(prev + self.time_mix_r * (x - prev))
-        mixed = wkv(self.time_decay, self.time_first, k.permute(1, 2, 0), v.permute(1, 2, 0), self.chunk)
+        k, v = k.permute(1, 2, 0), v.permute(1, 2, 0)  # [b, c, s]
+        mixed = wkv(self.time_decay, self.time_first, k, v, self.chunk)
         y, _ = self.output(torch.sigmoid(r) * mixed.permute(2, 0, 1))
-        return y, None
+        return y, ({"prev": x[-1].clone(), **self._wkv_state(k, v)} if keep_state else None)
+
+    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+        return self._sequence(hidden_states)[0], None
+
+    def prefill(self, hidden_states):
+        """x [s, b, d] -> (forward's output, its bias (None), the decoding state after position s - 1)."""
+        y, state = self._sequence(hidden_states, keep_state=True)
+        return y, None, state
+
+    def _wkv_state(self, k: torch.Tensor, v: torch.Tensor) -> dict:
+        """The WKV sums after k, v [b, c, s]: sum_{i<s} e^{-(s-1-i) w + k_i} (v_i, 1) as (a, b) e^p, read off
+        `_decayed_sums` at one position past the end (an empty position: k = -inf, v = 0)."""
+        real = torch.float64 if self.time_decay.dtype == torch.float64 else torch.float32
+        w = self.time_decay.to(real).exp().clamp(max=1e30)
+        k = F.pad(k.to(real), (0, 1), value=-math.inf)
+        x = F.pad(torch.stack([v.to(real), torch.ones_like(v, dtype=real)], -1), (0, 0, 0, 1))
+        a, p = _decayed_sums(k, x, w, self.chunk)
+        return {"a": a[:, :, -1, 0].contiguous(), "b": a[:, :, -1, 1].contiguous(), "p": p[:, :, -1].contiguous()}
 
     # -- decoding: the previous input (token shift) and the WKV sums (a, b) = (sum e^{..} v, sum e^{..}) kept
     # as a e^p, b e^p with their scale p (RWKV-4's recurrent form), in fp32 (fp64 for fp64 parameters)

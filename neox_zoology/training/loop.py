@@ -179,6 +179,10 @@ def check_hooks(args, after_save: Sequence[AfterSaveFactory]) -> None:
         raise ConfigError(f"{args.sources.get('ar_eval', 'config')}: ar_eval.enabled is true but this entry point "
                           "runs no AR-slice hook; launch train.py (it wires eval.hook.ArSliceHook) or pass "
                           "after_save=(ArSliceHook,) to run()")
+    if args.eval_tasks and "eval_tasks" not in wired:
+        raise ConfigError(f"{args.sources.get('eval_tasks', 'config')}: eval_tasks is set but this entry point runs "
+                          "no lm-eval hook; launch train.py (it wires eval.lm_tasks.LmTasksHook) or pass "
+                          "after_save=(LmTasksHook,) to run()")
 
 
 def run(args, summary_path: str | None = None, after_save: Sequence[AfterSaveFactory] = ()) -> dict:
@@ -294,7 +298,7 @@ def run(args, summary_path: str | None = None, after_save: Sequence[AfterSaveFac
             if args.save and _should_save(args, step):
                 last_ckpt = checkpoint.save(engine, args, step)
                 log.info(f"saved checkpoint {last_ckpt}")
-                for hook in hooks:  # every rank (the AR slice: a no-op unless enabled; raises only if strict)
+                for hook in hooks:  # every rank (each a no-op unless enabled; the AR slice raises only if strict)
                     hook(step, last_ckpt)
         summary = {
             "first_loss": losses[0][1] if losses else None,

@@ -22,7 +22,8 @@ import torch
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer
 from neox_zoology.mixers.linear_attention.common import (ShortConv, check_heads, check_int,
-                                                          check_number, conv_sequence, heads_first, sequence_first)
+                                                          check_number, conv_prefill_state, conv_sequence, heads_first,
+                                                          sequence_first)
 from neox_zoology.mixers.linear_attention.kernels import (chunked_linear_attention, compute_dtype,
                                                            linear_attention_step)
 from neox_zoology.parallel import ColumnLinear, RowLinear, tp_size
@@ -57,16 +58,28 @@ class Based(Mixer):
     def _normalise(self, o: torch.Tensor) -> torch.Tensor:
         return o[..., :-1] / (o[..., -1:] + self.eps)
 
-    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+    def _sequence(self, hidden_states, keep_state: bool = False):
+        """(output, state after the last position or None): forward and prefill in one pass."""
         H, dtype = self.local_heads, compute_dtype(hidden_states)
-        q = conv_sequence(self.q_conv, self.q(hidden_states)[0])
-        k = conv_sequence(self.k_conv, self.k(hidden_states)[0])
-        v = heads_first(conv_sequence(self.v_conv, self.v(hidden_states)[0]), H).to(dtype)
+        raw = [proj(hidden_states)[0] for proj in (self.q, self.k, self.v)]
+        q, k, v = (conv_sequence(c, z) for c, z in zip((self.q_conv, self.k_conv, self.v_conv), raw))
+        v = heads_first(v, H).to(dtype)
         fq, fk = taylor_features(heads_first(q, H).to(dtype)), taylor_features(heads_first(k, H).to(dtype))
         # a column of ones makes the last output channel the normaliser sum_s phi(q_t).phi(k_s)
-        o, _ = chunked_linear_attention(fq, fk, torch.cat([v, torch.ones_like(v[..., :1])], -1), None, self.chunk_size)
-        y = sequence_first(self._normalise(o)).to(hidden_states.dtype)
-        return self.out(y)[0], None
+        o, S = chunked_linear_attention(fq, fk, torch.cat([v, torch.ones_like(v[..., :1])], -1), None, self.chunk_size)
+        y = self.out(sequence_first(self._normalise(o)).to(hidden_states.dtype))[0]
+        if not keep_state:
+            return y, None
+        convs = [conv_prefill_state(c, z) for c, z in zip((self.q_conv, self.k_conv, self.v_conv), raw)]
+        return y, {"conv": convs, "S": S}
+
+    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+        return self._sequence(hidden_states)[0], None
+
+    def prefill(self, hidden_states):
+        """x [s, b, d] -> (forward's output, its bias (None), the decoding state after position s - 1)."""
+        y, state = self._sequence(hidden_states, keep_state=True)
+        return y, None, state
 
     def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
         """Zero state: the conv buffers and S [b, H_local, 1 + F + F^2, P + 1] (values and normaliser)."""

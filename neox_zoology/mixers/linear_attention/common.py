@@ -33,6 +33,11 @@ def conv_sequence(conv, x: torch.Tensor) -> torch.Tensor:
     return conv(x.permute(1, 2, 0)).permute(2, 0, 1)
 
 
+def conv_prefill_state(conv, x: torch.Tensor):
+    """A ShortConv's decoding state after sequence-first x [s, b, c] (None without a conv)."""
+    return None if conv is None else conv.prefill_state(x.permute(1, 2, 0))
+
+
 def check_int(errors, name, args, key, low, fix):
     v = args[key]
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -92,6 +97,12 @@ class ShortConv(nn.Module):
     def initial_state(self, batch: int, dtype, device) -> torch.Tensor:
         """The last kernel_size - 1 inputs, zeros before the sequence starts: [b, c_local, k - 1]."""
         return torch.zeros(batch, self.weight.shape[0], self.kernel_size - 1, dtype=dtype, device=device)
+
+    def prefill_state(self, x: torch.Tensor) -> torch.Tensor:
+        """The state after the positions of channels-first x [b, c_local, s] (zeros before the sequence)."""
+        k = self.kernel_size - 1
+        padded = F.pad(x, (k, 0))
+        return padded[..., padded.shape[-1] - k:].contiguous()
 
     def step(self, x: torch.Tensor, state: torch.Tensor):
         """x [b, c_local] -> (y [b, c_local], new state)."""

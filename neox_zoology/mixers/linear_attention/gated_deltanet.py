@@ -25,7 +25,8 @@ from torch import nn
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer, exclude_from_weight_decay, full_then_local
 from neox_zoology.mixers.linear_attention.common import (HeadRMSNorm, ShortConv, check_bool, check_heads, check_int,
-                                                          check_number, conv_sequence, heads_first, sequence_first)
+                                                          check_number, conv_prefill_state, conv_sequence, heads_first,
+                                                          sequence_first)
 from neox_zoology.mixers.linear_attention.kernels import (chunked_gated_delta_rule, compute_dtype,
                                                            gated_delta_rule_step)
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_size, tp_slice
@@ -80,16 +81,29 @@ class GatedDeltaNet(Mixer):
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         return l2_normalise(q) * self.head_k ** -0.5, l2_normalise(k), v
 
-    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+    def _sequence(self, hidden_states, keep_state: bool = False):
+        """(output, state after the last position or None): forward and prefill in one pass."""
         H, dtype = self.local_heads, compute_dtype(hidden_states)
-        q, k, v = (heads_first(conv_sequence(c, p(hidden_states)[0]), H).to(dtype)
-                   for p, c in ((self.q, self.q_conv), (self.k, self.k_conv), (self.v, self.v_conv)))
+        raw = [proj(hidden_states)[0] for proj in (self.q, self.k, self.v)]
+        q, k, v = (heads_first(conv_sequence(c, z), H).to(dtype)
+                   for c, z in zip((self.q_conv, self.k_conv, self.v_conv), raw))
         q, k, v = self._qkv(q, k, v)
         beta, log_a = (x.permute(1, 2, 0) for x in self._gates(hidden_states, dtype))  # [b, H, s]
-        o, _ = chunked_gated_delta_rule(q, k, v, beta, log_a, self.chunk_size)
+        o, S = chunked_gated_delta_rule(q, k, v, beta, log_a, self.chunk_size)
         gate = heads_first(self.g(hidden_states)[0], H) if self.g is not None else None
-        y = sequence_first(self.norm(o, gate)).to(hidden_states.dtype)
-        return self.out(y)[0], None
+        y = self.out(sequence_first(self.norm(o, gate)).to(hidden_states.dtype))[0]
+        if not keep_state:
+            return y, None
+        convs = [conv_prefill_state(c, z) for c, z in zip((self.q_conv, self.k_conv, self.v_conv), raw)]
+        return y, {"conv": convs, "S": S}
+
+    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+        return self._sequence(hidden_states)[0], None
+
+    def prefill(self, hidden_states):
+        """x [s, b, d] -> (forward's output, its bias (None), the decoding state after position s - 1)."""
+        y, state = self._sequence(hidden_states, keep_state=True)
+        return y, None, state
 
     def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
         """Zero state: the conv buffers and S [b, H_local, K, V]."""

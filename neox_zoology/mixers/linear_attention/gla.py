@@ -22,7 +22,8 @@ from torch import nn
 from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer
 from neox_zoology.mixers.linear_attention.common import (HeadRMSNorm, ShortConv, check_bool, check_heads, check_int,
-                                                          check_number, conv_sequence, heads_first, sequence_first)
+                                                          check_number, conv_prefill_state, conv_sequence, heads_first,
+                                                          sequence_first)
 from neox_zoology.mixers.linear_attention.kernels import (chunked_linear_attention, compute_dtype,
                                                            linear_attention_step)
 from neox_zoology.parallel import ColumnLinear, RowLinear, tp_size
@@ -57,16 +58,28 @@ class GLA(Mixer):
     def _log_decay(self, u):
         return F.logsigmoid(self.gate_up(F.linear(u, self.gate_down))[0].to(compute_dtype(u))) / self.normalizer
 
-    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+    def _sequence(self, hidden_states, keep_state: bool = False):
+        """(output, state after the last position or None): forward and prefill in one pass."""
         H, dtype = self.local_heads, compute_dtype(hidden_states)
-        q = heads_first(conv_sequence(self.q_conv, self.q(hidden_states)[0]), H).to(dtype) * self.head_k ** -0.5
-        k = heads_first(conv_sequence(self.k_conv, self.k(hidden_states)[0]), H).to(dtype)
-        v = heads_first(conv_sequence(self.v_conv, self.v(hidden_states)[0]), H).to(dtype)
+        raw = [proj(hidden_states)[0] for proj in (self.q, self.k, self.v)]
+        q, k, v = (heads_first(conv_sequence(c, z), H).to(dtype)
+                   for c, z in zip((self.q_conv, self.k_conv, self.v_conv), raw))
         g = heads_first(self._log_decay(hidden_states), H)
-        o, _ = chunked_linear_attention(q, k, v, g, self.chunk_size)
+        o, S = chunked_linear_attention(q * self.head_k ** -0.5, k, v, g, self.chunk_size)
         gate = heads_first(self.g(hidden_states)[0], H) if self.g is not None else None
-        y = sequence_first(self.norm(o, gate)).to(hidden_states.dtype)
-        return self.out(y)[0], None
+        y = self.out(sequence_first(self.norm(o, gate)).to(hidden_states.dtype))[0]
+        if not keep_state:
+            return y, None
+        convs = [conv_prefill_state(c, z) for c, z in zip((self.q_conv, self.k_conv, self.v_conv), raw)]
+        return y, {"conv": convs, "S": S}
+
+    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+        return self._sequence(hidden_states)[0], None
+
+    def prefill(self, hidden_states):
+        """x [s, b, d] -> (forward's output, its bias (None), the decoding state after position s - 1)."""
+        y, state = self._sequence(hidden_states, keep_state=True)
+        return y, None, state
 
     def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
         """Zero state: the conv buffers and S [b, H_local, K, V]."""

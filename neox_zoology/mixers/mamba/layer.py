@@ -75,15 +75,26 @@ class Mamba(Mixer):
         dt = F.softplus(self.dt_proj(dbl[..., :R])[0].to(dtype))
         return dt, copy_to_tp(dbl[..., R:R + N]).to(dtype), copy_to_tp(dbl[..., R + N:]).to(dtype)
 
-    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+    def _sequence(self, hidden_states, keep_state: bool = False):
+        """(output, state after the last position or None): forward and prefill in one pass."""
         dtype = compute_dtype(hidden_states)
-        x = self.conv(self.in_x(hidden_states)[0].permute(1, 2, 0))  # [b, E, s]
+        raw = self.in_x(hidden_states)[0].permute(1, 2, 0)  # [b, E, s]
+        x = self.conv(raw)
         dt, B, C = self._dt_B_C(x.permute(2, 0, 1), dtype)  # [s, b, *]
         A = -self.A_log.to(dtype).exp()
-        y, _ = selective_scan(x.to(dtype), dt.permute(1, 2, 0), A, B.permute(1, 2, 0), C.permute(1, 2, 0),
+        y, h = selective_scan(x.to(dtype), dt.permute(1, 2, 0), A, B.permute(1, 2, 0), C.permute(1, 2, 0),
                               self.D.to(dtype), self.chunk_size)
         y = y.permute(2, 0, 1) * F.silu(self.in_z(hidden_states)[0].to(dtype))
-        return self.out(y.to(hidden_states.dtype))[0], None
+        out = self.out(y.to(hidden_states.dtype))[0]
+        return out, ({"conv": self.conv.prefill_state(raw), "h": h} if keep_state else None)
+
+    def forward(self, hidden_states, attention_mask=None, token_ids=None, **ignored):
+        return self._sequence(hidden_states)[0], None
+
+    def prefill(self, hidden_states):
+        """x [s, b, d] -> (forward's output, its bias (None), the decoding state after position s - 1)."""
+        y, state = self._sequence(hidden_states, keep_state=True)
+        return y, None, state
 
     def initial_state(self, batch: int, dtype=torch.float32, device=None) -> dict:
         """Zero state: the conv buffer [b, E_local, d_conv - 1] and h [b, E_local, N]."""
