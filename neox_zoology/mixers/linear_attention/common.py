@@ -33,6 +33,19 @@ def conv_sequence(conv, x: torch.Tensor) -> torch.Tensor:
     return conv(x.permute(1, 2, 0)).permute(2, 0, 1)
 
 
+def project_step(x: torch.Tensor, heads: int, projections, convs, buffers):
+    """One position through projections and their optional ShortConvs (None: none), e.g. q, k, v:
+    x [b, d] -> ([b, heads, dim] per projection, the new conv buffers in the same order)."""
+    parts, new = [], []
+    for proj, conv, buf in zip(projections, convs, buffers):
+        z = proj(x)[0]
+        if conv is not None:
+            z, buf = conv.step(z, buf)
+        parts.append(z.view(x.shape[0], heads, -1))
+        new.append(buf)
+    return parts, new
+
+
 def check_int(errors, name, args, key, low, fix):
     v = args[key]
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
