@@ -153,7 +153,9 @@ def test_chunked_lm_head_keeps_no_full_logits():
     dict(attention_config=[[["attention", "baseconv"], "all"]], baseconv={"kernel_sizes": [3, -1]}),
     dict(attention_config=[[["hyena", "h3", "long_conv", "rwkv4"], "all"]]),
     dict(vocab_size=8000, train_micro_batch_size_per_gpu=16),
-], ids=["attention_baseconv", "hyena_h3_long_conv_rwkv", "large_head"])
+    dict(attention_config=[[["mamba2"], "all"]], mamba2={"head_dim": 16, "d_state": 16}),
+    dict(attention_config=[[["gated_deltanet", "mamba2"], "all"]], mamba2={"head_dim": 16, "mlp": True}),
+], ids=["attention_baseconv", "hyena_h3_long_conv_rwkv", "large_head", "mamba2_no_mlp", "gated_deltanet_mamba2"])
 def test_composed_stage_matches_the_whole_model_on_meta(keys):
     """The plan measures one block per kind and composes the stage; running every layer of the model in
     one forward and backward gives the same kept bytes and the same peak."""
@@ -177,6 +179,33 @@ def test_composed_stage_matches_the_whole_model_on_meta(keys):
         torch.autograd.grad(loss, [embedded.pop("h0")])  # down to the embedding output, as the plan
     assert kept == p["activations"]
     assert max(forward_peak, mode.peak) == p["activation_peak"]
+
+
+@pytest.mark.parametrize("section", [{}, {"mlp": True}], ids=["no_mlp", "mlp"])
+def test_mamba_blocks_plan_what_the_model_builds(section):
+    """MLP-less Mamba blocks (and with the MLP): the plan counts the parameters the model builds and the
+    activations it keeps exactly; the peak within 1% (the checkpointed scan's backward reuses gradient
+    buffers the measurement, which holds the incoming gradient, cannot hand over)."""
+    from neox_zoology.model.gpt import SequentialGPT, lm_loss
+    from neox_zoology.training.engine import model_config
+
+    args = make(pipe_parallel_size=0, attention_config=[[["mamba"], "all"]], mamba=section)
+    p = memory.plan(args)
+    with torch.device("meta"):
+        model = SequentialGPT(args, model_config(args, perform_initialization=False))
+    assert p["parameters_count"] == sum(t.numel() for t in model.parameters())
+    model.train()
+    embedded = {}
+    model.layers[0].register_forward_hook(lambda module, inputs, out: embedded.update(h0=out[0]) and None)
+    mode = memory.LiveStorages()
+    with memory.target_kernels("cuda"), mode:
+        tokens = torch.zeros(2, 64, dtype=torch.long, device="meta")
+        loss = lm_loss(model(tokens), (tokens, torch.ones(2, 64, device="meta")))
+        kept, forward_peak = mode.live, mode.peak
+        mode.reset_peak()
+        torch.autograd.grad(loss, [embedded.pop("h0")])
+    assert kept == p["stages"][0]["activations"]
+    assert max(forward_peak, mode.peak) == pytest.approx(p["stages"][0]["activation_peak"], rel=0.01)
 
 
 def test_sparse_layers_that_read_values_are_measured_on_the_cpu():

@@ -1,4 +1,4 @@
-"""Based, GLA, gated DeltaNet and Mamba: the chunked forward and the one-token step both equal a plain
+"""Based, GLA, gated DeltaNet, Mamba and Mamba-2: the chunked forward and the one-token step both equal a plain
 token-by-token recurrence of the reference's formula, written here from the layer's parameters (fp64)."""
 import math
 
@@ -18,7 +18,7 @@ def build(name, **kw):
     m = neox_zoology.build_mixer(name, hidden_size=D, seq_length=L, num_attention_heads=HEADS, **kw).double()
     with torch.no_grad():  # biases and norm weights away from their init, so the reference sees them
         for n, p in m.named_parameters():
-            if n.endswith("norm.weight") or n.endswith("bias") and p.abs().max() == 0:
+            if n.endswith(("norm.weight", "norm_weight")) or n.endswith("bias") and p.abs().max() == 0:
                 p.add_(0.3 * torch.randn_like(p))
     return m
 
@@ -115,12 +115,39 @@ def ref_mamba(m, x):
     return (torch.stack(ys, 1) * F.silu(z)) @ m.out.weight.T
 
 
+def ref_mamba2(m, x):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T per head (B, C of the head's group), y_t = h_t C_t + D x_t,
+    then RMSNorm over each group of channels of y * silu(z)."""
+    H, P, N, G = m.local_heads, m.head_dim, m.d_state, m.ngroups
+
+    def lin(layer):
+        return x @ layer.weight.T + (layer.bias if layer.bias is not None else 0)
+
+    xs = conv(lin(m.in_x), m.conv_x).view(B, L, H, P)
+    Bm, Cm = conv(lin(m.in_B), m.conv_B).view(B, L, G, N), conv(lin(m.in_C), m.conv_C).view(B, L, G, N)
+    dt = F.softplus(lin(m.in_dt) + m.dt_bias)
+    A = -m.A_log.exp()
+    h = torch.zeros(B, H, P, N, dtype=x.dtype)
+    ys = torch.zeros(B, L, H, P, dtype=x.dtype)
+    for t in range(L):
+        for head in range(H):
+            g = head // (H // G)
+            h[:, head] = torch.exp(dt[:, t, head] * A[head])[:, None, None] * h[:, head] \
+                + (dt[:, t, head, None] * xs[:, t, head])[:, :, None] * Bm[:, t, g, None, :]
+            ys[:, t, head] = (h[:, head] * Cm[:, t, g, None, :]).sum(-1) + m.D[head] * xs[:, t, head]
+    v = (ys.reshape(B, L, H * P) * F.silu(lin(m.in_z))).view(B, L, G, -1)
+    v = v / torch.sqrt((v * v).mean(-1, keepdim=True) + m.eps)
+    return (v.reshape(B, L, H * P) * m.norm_weight) @ m.out.weight.T + (m.out.bias if m.out.bias is not None else 0)
+
+
 CASES = [
     ("based", {}, ref_based), ("based", {"conv_size": 3, "chunk_size": 8}, ref_based),
     ("gla", {}, ref_gla), ("gla", {"conv_size": 4, "output_gate": False, "chunk_size": 7}, ref_gla),
     ("gated_deltanet", {}, ref_gated_deltanet),
     ("gated_deltanet", {"conv_size": 0, "chunk_size": 5, "num_heads": 2}, ref_gated_deltanet),
     ("mamba", {}, ref_mamba), ("mamba", {"chunk_size": 5, "dt_rank": 3, "d_state": 4}, ref_mamba),
+    ("mamba2", {}, ref_mamba2),
+    ("mamba2", {"chunk_size": 5, "head_dim": 8, "ngroups": 2, "d_state": 4, "bias": True, "d_conv": 3}, ref_mamba2),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in kw.items()) or 'defaults'}" for n, kw, _ in CASES]
 
@@ -150,7 +177,7 @@ def test_one_token_steps_equal_the_plain_recurrence(name, kw, ref):
         assert rel_err(torch.stack(ys, 1), ref(m.mixer, x)) <= REL
 
 
-@pytest.mark.parametrize("name", ["based", "gla", "gated_deltanet", "mamba"])
+@pytest.mark.parametrize("name", ["based", "gla", "gated_deltanet", "mamba", "mamba2"])
 def test_gradients_of_the_chunked_form_match_a_single_chunk(name):
     """Chunk boundaries (and Mamba's per-chunk recompute) leave the gradients unchanged."""
     grads = []
@@ -189,6 +216,65 @@ def test_mamba_initialisation_follows_the_reference():
     assert m.rank == math.ceil(D / 16) and m.dt_proj.weight.abs().max() <= m.rank ** -0.5
 
 
+def test_mamba2_initialisation_follows_the_reference():
+    torch.manual_seed(0)
+    m = neox_zoology.build_mixer("mamba2", hidden_size=256, seq_length=L, num_attention_heads=HEADS, head_dim=8).mixer
+    A = m.A_log.exp()
+    assert m.A_log.shape == (64,) and A.min() >= 1 and A.max() <= 16 and A.std() > 3  # U[1, 16] per head
+    assert torch.equal(m.D, torch.ones(64)) and torch.equal(m.norm_weight, torch.ones(512))
+    dt = F.softplus(m.dt_bias)
+    assert dt.min() >= 1e-4 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+    assert dt.log().std() > 0.9  # log-uniform over [ln 1e-3, ln 1e-1]: std 4.6 / sqrt(12) = 1.33
+    n_in = 256 * (2 * 512 + 64 + 2 * 128)  # in_proj [z, x, dt, B, C] of the reference, no bias
+    conv = (512 + 2 * 128) * 5  # taps and bias
+    assert sum(p.numel() for p in m.parameters()) == n_in + conv + 3 * 64 + 512 + 512 * 256
+
+
+def test_mamba2_chunked_form_carries_a_given_state():
+    from neox_zoology.mixers.mamba.mamba2 import chunked_ssd, ssd_step
+
+    g = torch.Generator().manual_seed(2)
+    b, H, G, P, N, n = 2, 4, 2, 3, 5, 11
+    x, B_, C_ = (torch.randn(b, *s, generator=g, dtype=torch.float64) for s in ((H, n, P), (G, n, N), (G, n, N)))
+    dt = torch.rand(b, H, n, generator=g, dtype=torch.float64)
+    A, h0 = -torch.rand(H, generator=g, dtype=torch.float64) * 4, torch.randn(b, H, P, N, generator=g,
+                                                                             dtype=torch.float64)
+    y, hL = chunked_ssd(x, dt, A, B_, C_, chunk_size=4, initial_state=h0)
+    h = h0
+    for t in range(n):
+        yt, h = ssd_step(h, x[:, :, t], dt[:, :, t], A, B_[:, :, t], C_[:, :, t])
+        assert rel_err(y[:, :, t], yt) <= REL
+    assert rel_err(hL, h) <= REL
+
+
+def _mamba2_tp(rank, tp, kw):
+    from dist import gather_tp_grad, init_tp
+
+    if tp > 1:
+        init_tp(tp)
+    torch.manual_seed(0)
+    x = torch.randn(L, 2, D, requires_grad=True)
+    torch.manual_seed(1)
+    m = neox_zoology.build_mixer("mamba2", hidden_size=D, seq_length=L, num_attention_heads=HEADS, batch_first=False,
+                                 **kw)
+    y = m(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), x.grad, {n: gather_tp_grad(p) for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("kw", [{"ngroups": 2}, {"ngroups": 1}], ids=["groups-split", "groups-replicated"])
+def test_mamba2_tp2_equals_tp1(kw):
+    from dist import run_ranks
+
+    kw = {**kw, "head_dim": 8, "d_state": 4, "chunk_size": 7}
+    (y1, gx1, g1), = run_ranks(_mamba2_tp, 1, 1, kw)
+    for y2, gx2, g2 in run_ranks(_mamba2_tp, 2, 2, kw):
+        torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx2, gx1, rtol=1e-5, atol=1e-6)
+        for n in g1:
+            torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_gated_deltanet_has_the_reference_layer_size():
     """zoology's layer takes head_dim = d / num_heads, so key dim d and value dim 2d: q, k d^2 each, v, g, o
     2 d^2 each (8 d^2), plus convs, gates and the norm."""
@@ -209,6 +295,9 @@ def _config(name, **section):
     ("gated_deltanet", {"expand_v": 1.3}, "expand_v"),
     ("mamba", {"dt_min": 0.5, "dt_max": 0.1}, "dt_min"),
     ("mamba", {"dt_init": "uniform"}, "dt_init"),
+    ("mamba2", {"head_dim": 48}, "head_dim"),
+    ("mamba2", {"head_dim": 8, "ngroups": 3}, "ngroups"),
+    ("mamba2", {"A_init_range": [16, 1]}, "A_init_range"),
 ])
 def test_an_out_of_range_value_fails_in_one_line_naming_the_key(name, section, key):
     with pytest.raises(ConfigError) as err:
@@ -220,4 +309,10 @@ def test_an_out_of_range_value_fails_in_one_line_naming_the_key(name, section, k
 def test_heads_that_do_not_split_over_tp_are_refused():
     raw = {**_config("gla", num_heads=3, expand_k=0.75, expand_v=0.75), "model_parallel_size": 2}
     with pytest.raises(ConfigError, match="gla.num_heads: 3 heads do not split over model_parallel_size 2"):
+        build_args(raw, world_size=2)
+
+
+def test_mamba2_groups_that_neither_split_nor_replicate_over_tp_are_refused():
+    raw = {**_config("mamba2", expand=3, head_dim=16, ngroups=3), "model_parallel_size": 2}
+    with pytest.raises(ConfigError, match="mamba2.ngroups: 3 groups neither split over model_parallel_size 2"):
         build_args(raw, world_size=2)

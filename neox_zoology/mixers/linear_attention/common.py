@@ -38,6 +38,19 @@ def conv_prefill_state(conv, x: torch.Tensor):
     return None if conv is None else conv.prefill_state(x.permute(1, 2, 0))
 
 
+def project_step(x: torch.Tensor, heads: int, projections, convs, buffers):
+    """One position through projections and their optional ShortConvs (None: none), e.g. q, k, v:
+    x [b, d] -> ([b, heads, dim] per projection, the new conv buffers in the same order)."""
+    parts, new = [], []
+    for proj, conv, buf in zip(projections, convs, buffers):
+        z = proj(x)[0]
+        if conv is not None:
+            z, buf = conv.step(z, buf)
+        parts.append(z.view(x.shape[0], heads, -1))
+        new.append(buf)
+    return parts, new
+
+
 def check_int(errors, name, args, key, low, fix):
     v = args[key]
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -75,18 +88,20 @@ class ShortConv(nn.Module):
 
     nn.Conv1d's default init (uniform +-1/sqrt(kernel_size)), drawn at full size and sliced, so the
     weights do not depend on the TP size. Input and output channels-first [b, c_local, L].
+    `split=False`: every rank holds all channels (replicated weights, not marked as TP-split).
     """
 
     def __init__(self, channels: int, kernel_size: int, bias: bool = False, activation: bool = True,
-                 params_dtype=torch.float32):
+                 params_dtype=torch.float32, split: bool = True):
         super().__init__()
-        local, bound = tp_slice(channels), 1.0 / math.sqrt(kernel_size)
+        local, bound = tp_slice(channels) if split else slice(0, channels), 1.0 / math.sqrt(kernel_size)
+        mark = mark_tp_param if split else (lambda p: p)
         w = torch.empty(channels, 1, kernel_size).uniform_(-bound, bound)
         self.kernel_size, self.activation = kernel_size, activation
-        self.weight = mark_tp_param(nn.Parameter(full_then_local(w, 0, local).to(params_dtype)))
+        self.weight = mark(nn.Parameter(full_then_local(w, 0, local).to(params_dtype)))
         if bias:
             b = torch.empty(channels).uniform_(-bound, bound)
-            self.bias = mark_tp_param(nn.Parameter(full_then_local(b, 0, local).to(params_dtype)))
+            self.bias = mark(nn.Parameter(full_then_local(b, 0, local).to(params_dtype)))
         else:
             self.bias = None
 

@@ -26,7 +26,7 @@ from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer, exclude_from_weight_decay, full_then_local
 from neox_zoology.mixers.linear_attention.common import (HeadRMSNorm, ShortConv, check_bool, check_heads, check_int,
                                                           check_number, conv_prefill_state, conv_sequence, heads_first,
-                                                          sequence_first)
+                                                          project_step, sequence_first)
 from neox_zoology.mixers.linear_attention.kernels import (chunked_gated_delta_rule, compute_dtype,
                                                            gated_delta_rule_step)
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_size, tp_slice
@@ -115,14 +115,9 @@ class GatedDeltaNet(Mixer):
     def step(self, x: torch.Tensor, state: dict):
         """One position: x [b, d] -> (y [b, d], new state); equal to forward over a sequence, token by token."""
         H, b, dtype = self.local_heads, x.shape[0], compute_dtype(x)
-        parts, convs = [], []
-        for proj, conv, buf in zip((self.q, self.k, self.v), (self.q_conv, self.k_conv, self.v_conv), state["conv"]):
-            z = proj(x)[0]
-            if conv is not None:
-                z, buf = conv.step(z, buf)
-            parts.append(z.view(b, H, -1).to(dtype))
-            convs.append(buf)
-        q, k, v = self._qkv(*parts)
+        parts, convs = project_step(x, H, (self.q, self.k, self.v), (self.q_conv, self.k_conv, self.v_conv),
+                                    state["conv"])
+        q, k, v = self._qkv(*(z.to(dtype) for z in parts))
         beta, log_a = self._gates(x, dtype)
         o, S = gated_delta_rule_step(state["S"], q, k, v, beta, log_a)
         gate = self.g(x)[0].view(b, H, -1) if self.g is not None else None

@@ -23,7 +23,7 @@ from neox_zoology import flops
 from neox_zoology.mixers.base import Mixer
 from neox_zoology.mixers.linear_attention.common import (HeadRMSNorm, ShortConv, check_bool, check_heads, check_int,
                                                           check_number, conv_prefill_state, conv_sequence, heads_first,
-                                                          sequence_first)
+                                                          project_step, sequence_first)
 from neox_zoology.mixers.linear_attention.kernels import (chunked_linear_attention, compute_dtype,
                                                            linear_attention_step)
 from neox_zoology.parallel import ColumnLinear, RowLinear, tp_size
@@ -91,14 +91,8 @@ class GLA(Mixer):
     def step(self, x: torch.Tensor, state: dict):
         """One position: x [b, d] -> (y [b, d], new state); equal to forward over a sequence, token by token."""
         H, b = self.local_heads, x.shape[0]
-        parts, convs = [], []
-        for proj, conv, buf in zip((self.q, self.k, self.v), (self.q_conv, self.k_conv, self.v_conv), state["conv"]):
-            z = proj(x)[0]
-            if conv is not None:
-                z, buf = conv.step(z, buf)
-            parts.append(z.view(b, H, -1))
-            convs.append(buf)
-        q, k, v = parts
+        (q, k, v), convs = project_step(x, H, (self.q, self.k, self.v), (self.q_conv, self.k_conv, self.v_conv),
+                                        state["conv"])
         o, S = linear_attention_step(state["S"], q * self.head_k ** -0.5, k, v, self._log_decay(x).view(b, H, -1))
         gate = self.g(x)[0].view(b, H, -1) if self.g is not None else None
         return self.out(self.norm(o, gate).reshape(b, -1))[0], {"conv": convs, "S": S}

@@ -87,13 +87,16 @@ def measure_regions(args, regions, first: bool, micro_batch: int, target: str,
             del saved_alive[key]
 
     def pack(t):
+        # a detached alias, not t: a node that saves its own output (exp, sigmoid, ...) would otherwise hold
+        # itself through t's grad_fn, a cycle that keeps a discarded branch of the graph alive
+        kept_alias = t.detach()
         key = t.untyped_storage()._cdata
         if recording[0] and key not in keys_outside:
             if key not in saved_alive:
                 saved.append((mode.region, t.untyped_storage().nbytes()))
             saved_alive[key] = saved_alive.get(key, 0) + 1
-            weakref.finalize(t, forget, key)
-        return t
+            weakref.finalize(kept_alias, forget, key)
+        return kept_alias
 
     costs = [RegionCost(label, where=device) for label, _ in regions]
     records = []
@@ -239,7 +242,7 @@ def compose(measured: dict, group: int, in_flight: int = 1) -> dict:
     """Stage activations from region costs: kept bytes, forward and backward peaks, for `in_flight`
     micro-batches kept at once (pipeline schedule) and checkpoint groups of `group` blocks (0 = none)."""
     costs, sequence = measured["costs"], measured["sequence"]
-    units = []  # (bytes the unit keeps, its forward peak above them, its backward peak, recomputed?)
+    units = []  # (bytes the unit keeps, its forward peak, its backward peak, recomputed?, its output's bytes)
     i = 0
     while i < len(sequence):
         key = sequence[i]
@@ -256,27 +259,28 @@ def compose(measured: dict, group: int, in_flight: int = 1) -> dict:
             for c in reversed(members):
                 peak_b = max(peak_b, running + c.backward)
                 running -= c.kept
-            units.append((members[-1].output, max(c.forward for c in members), peak_b, True))
+            units.append((members[-1].output, max(c.forward for c in members), peak_b, True, 0))
             i = j
             continue
         if key == "stage_input":  # the activation received from the previous stage
-            units.append((measured["stage_input"], 0, 0, False))
+            units.append((measured["stage_input"], 0, 0, False, 0))
         else:
             c = costs[key]
-            units.append((c.kept, c.forward, c.backward, False))
+            units.append((c.kept, c.forward, c.backward, False, c.output))
         i += 1
     prefix, forward_peak = 0, 0
     prefixes = []
-    for kept, fwd, _, _ in units:
+    for kept, fwd, *_ in units:
         forward_peak = max(forward_peak, prefix + fwd)
         prefixes.append(prefix)
         prefix += kept
     kept_total = prefix
     backward_peak = 0
-    for (kept, _, bwd, recomputed), before in zip(units, prefixes):
-        # a plain unit's kept bytes are part of what its backward starts from; a recomputed group's
+    for (kept, _, bwd, recomputed, output), before in zip(units, prefixes):
+        # a plain unit's kept bytes are part of what its backward starts from, less its output, which the
+        # next region saved and freed in its own backward (the measurement held it); a recomputed group's
         # backward starts from the units before it (its own output is the next group's saved input)
-        backward_peak = max(backward_peak, before + (0 if recomputed else kept) + bwd)
+        backward_peak = max(backward_peak, before + (0 if recomputed else kept - output) + bwd)
     single = max(forward_peak, backward_peak)
     return {"kept": in_flight * kept_total, "kept_per_micro_batch": kept_total,
             "peak": (in_flight - 1) * kept_total + single, "forward_peak": forward_peak,
