@@ -200,7 +200,7 @@ class Args:
     log_dir: str | None = _doc("text log directory", None, writable=True, parse=_nonempty)
     ar_eval: dict = _doc(
         "AR-slice evaluation after each checkpoint: {enabled, iters, threshold, bigram_counts, reference, strict, "
-        "timeout} (see README 'AR-slice evaluation')", factory=AR_EVAL.normalized, section=AR_EVAL, null=True)
+        "timeout} (see docs/ar-slice.md)", factory=AR_EVAL.normalized, section=AR_EVAL, null=True)
     eval_tasks: list | None = _doc(
         "lm-evaluation-harness task names (GPT-NeoX's key), run on the weights of every saved checkpoint: "
         "<checkpoint>/eval_tasks.json and tensorboard (docs/inference.md); needs the `eval` extra", None,
