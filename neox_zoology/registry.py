@@ -30,6 +30,8 @@ class MixerSpec:
     """The keys of this type's YAML section (e.g. `baseconv: {kernel_sizes: [3, -1]}`) and their defaults."""
     tp_split: str = "channels"
     """How the mixer splits under tensor parallelism: 'heads' or 'channels'."""
+    tp_note: str = ""
+    """What the split means in detail where 'heads' / 'channels' does not say it all (the layer table)."""
     flops: Callable[[Shape, Mapping[str, Any]], float] = lambda shape, args: 0.0
     """Forward FLOPs per token of the mixer (matmuls and FFTs; see neox_zoology/flops.py)."""
     validate: Callable[[Shape, Mapping[str, Any]], list[str]] = lambda shape, args: []
@@ -62,7 +64,7 @@ class MixerSpec:
     memory_note: str = ""
     """Added to the dry-run memory plan's note when this type's activations are measured on the CPU."""
     doc: str = ""
-    """One line for the layer table."""
+    """What the layer computes: its row of the layer table in docs/layers.md (neox_zoology/doc_tables.py)."""
 
 
 STATE_BYTES = 4

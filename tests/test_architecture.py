@@ -258,3 +258,26 @@ def test_the_idx_check_finds_the_magic(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("MAGIC = b'MMIDIDX\\x00\\x00'\nNAME = 'MMIDIDX'\nOTHER = b'MMID'\n")
     assert idx_magic(probe) == [1, 2]
+
+
+def test_the_generated_doc_tables_match_the_code():
+    """docs/layers.md's layer table (registry) and docs/config-keys.md's accepted keys (Args) are what
+    `python -m neox_zoology.doc_tables` writes: a default, key or layer type cannot change without its docs."""
+    from neox_zoology import doc_tables, registry
+
+    for page, text in doc_tables.pages().items():
+        assert page.read_text() == text, f"{_rel(page, ROOT)} is stale: run python -m neox_zoology.doc_tables"
+    layer_table = "\n".join(doc_tables.layer_rows())
+    for name in registry.names():
+        spec = registry.get(name)
+        assert spec.doc and f"`{registry.config_name(name)}`" in layer_table, f"{name}: no doc / not in the table"
+
+
+def test_the_table_replacement_finds_a_stale_row():
+    from neox_zoology import doc_tables
+
+    rows = doc_tables.layer_rows()
+    text = "intro\n\n" + "\n".join(rows[:2] + ["| `old` | gone | `old: {}` | heads |"]) + "\n\nafter\n"
+    fixed = doc_tables.replace_table(text, rows)
+    assert "`old`" not in fixed and fixed.startswith("intro\n\n" + rows[0]) and fixed.endswith("\n\nafter\n")
+    assert doc_tables.yaml_value(1e-5) == "1.0e-5" and doc_tables.yaml_value([1.0, None, True]) == "[1.0, null, true]"

@@ -160,6 +160,24 @@ def test_the_defaults_are_valid_and_flops_positive(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_the_module_defaults_are_the_registered_ones(name):
+    """A key of the type's section that the module also takes with a default has the registry's default (the
+    registry's are the ones a config gets; a different constructor default would make notebooks differ).
+    Types sharing a module (attention / sliding_window) are set apart by the keys whose defaults they differ in."""
+    import inspect
+
+    spec = registry.get(name)
+    sharing = [registry.get(n) for n in NAMES if registry.get(n).module is spec.module]
+    params = inspect.signature(spec.module.__init__).parameters
+    for key, default in spec.defaults.items():
+        p = params.get(key)
+        if all(other.defaults.get(key) == default for other in sharing) and p is not None \
+                and p.default is not inspect.Parameter.empty:
+            same = p.default == default or (isinstance(default, list) and list(p.default) == default)
+            assert same, f"{name}.{key}: the module's default {p.default!r}, the registry's {default!r}"
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("layer_index", LAYERS)
 def test_builds_on_the_meta_device_with_the_same_parameters(name, layer_index):
     shape = SHAPES[1]

@@ -99,7 +99,7 @@ class Args:
     rotary_emb_base: float = _doc("rotary base", 10000.0, gt=0)
     no_weight_tying: bool = _doc("untie the input embedding and the LM head", False)
     gpt_j_residual: bool = _doc("parallel residual: x + mixer(ln1 x) + mlp(ln2 x)", False)
-    init_method: str = _doc("normal | scaled_normal | small_init | wang_init", "normal", choices=_INIT_METHODS)
+    init_method: str = _doc(" | ".join(_INIT_METHODS), "normal", choices=_INIT_METHODS)
     output_layer_init_method: str = _doc("init of output projections (same names)", "scaled_normal",
                                          choices=_INIT_METHODS)
     init_method_std: float = _doc("std of the 'normal' init methods", 0.02, gt=0)
@@ -202,13 +202,16 @@ class Args:
         "AR-slice evaluation after each checkpoint: {enabled, iters, threshold, bigram_counts, reference, strict, "
         "timeout} (see docs/ar-slice.md)", factory=AR_EVAL.normalized, section=AR_EVAL, null=True)
     eval_tasks: list | None = _doc(
-        "lm-evaluation-harness task names (GPT-NeoX's key), run on the weights of every saved checkpoint: "
-        "<checkpoint>/eval_tasks.json and tensorboard (docs/inference.md); needs the `eval` extra", None,
+        "lm-evaluation-harness task names (GPT-NeoX's key), run on the weights of every saved checkpoint by "
+        "`train.py`: `<checkpoint>/eval_tasks.json` and tensorboard `eval_tasks/<task>/<metric>` (docs/inference.md); "
+        "needs the `eval` extra (`pip install '.[eval]'`), else a config error", None,
         items=Rule("str", parse=_task_name_problem))
-    eval_tasks_include_path: list | None = _doc("folders of local lm-eval task YAMLs that eval_tasks may name", None,
-                                                items=Rule("str", parse=_nonempty))
+    eval_tasks_include_path: list | None = _doc(
+        "folders of local lm-eval task YAMLs that `eval_tasks` may name (e.g. `[tests/data/lm_eval]`); a launch "
+        "refuses a missing folder", None, items=Rule("str", parse=_nonempty))
     eval_tasks_limit: float | None = _doc(
-        "documents per eval_tasks task (below 1: a fraction of them); 10 as GPT-NeoX's in-training evaluation",
+        "documents per `eval_tasks` task (below 1: a fraction of them); 10 as GPT-NeoX's in-training evaluation; "
+        "null: every document",
         10, gt=0, hint="null: every document")
     # ---- per-mixer sections (one key per registered layer type) ----
     mixer_sections: dict = _doc("internal: the YAML sections of the layer types", factory=dict)

@@ -249,7 +249,7 @@ register(
         flops=_flops,
         validate=validate_attention,
         state_bytes=_state_bytes,
-        doc="causal multi-head attention (SDPA) with rotary embeddings",
+        doc="causal multi-head attention, SDPA, rotary per `pos_emb`/`rotary_pct`",
     )
 )
 

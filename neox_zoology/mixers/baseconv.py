@@ -177,6 +177,7 @@ register(
         validate=_validate,
         per_layer=_per_layer,
         state_bytes=_state_bytes,
-        doc="Zoology BaseConv: y = conv(u) * (W u + b) + u; short/implicit-long/explicit-long filters per layer",
+        doc="Zoology BaseConv `y = conv(u) ⊙ (W u + b) + u`; a long filter's convolution is `k*u + u` as in "
+            "zoology's code",
     )
 )

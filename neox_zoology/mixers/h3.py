@@ -265,6 +265,7 @@ register(
         state_bytes=_state_bytes,
         validate=_validate,
         notices=_notices,
-        doc="H3: y = W_o sum_i q_i * (SSM_diag * (shift_SSM(k)_i v) + D ...); S4D-Lin diagonal SSM, heads split",
+        doc="H3: q, k, v; shift SSM on k; per-head diagonal SSM (S4D-Lin, bilinear) on k ⊗ v; gating with q",
+        tp_note="H3 heads",
     )
 )

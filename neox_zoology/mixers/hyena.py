@@ -202,6 +202,7 @@ register(
         flops=_flops,
         state_bytes=_state_bytes,
         validate=_validate,
-        doc="Hyena order 2: y = out_proj(x2 * (h * (x1 v) + D x1 v)), implicit Sin-MLP filter with decay window",
+        doc="Hyena order 2: in-projection to 3 streams, short conv (3), implicit filter (trained positional "
+            "features → sine MLP → exponential decay), bias `D`, gating",
     )
 )

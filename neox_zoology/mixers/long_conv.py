@@ -108,6 +108,7 @@ register(
         flops=_flops,
         validate=_validate,
         state_bytes=_state_bytes,
-        doc="long convolution baseline: y = GLU(W_o gelu(squash(K) * u + D u)), explicit filter K per channel",
+        doc="long convolution without gating (Fu et al. 2023c): squashed explicit filter + `D` skip → GELU → GLU "
+            "projection",
     )
 )

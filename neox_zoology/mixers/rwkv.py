@@ -289,7 +289,8 @@ register(
         state_bytes=_state_bytes,
         validate=_validate,
         mlp=ChannelMix,
-        doc="RWKV-4 time mix (exact chunked WKV, no length limit) with the channel mix as the block's MLP",
+        doc="RWKV-4 time mix (token shift, exact chunked WKV in fp32, any length) with its channel mix as the "
+            "block's MLP (width `intermediate_size`)",
     )
 )
 not_in_configs("rwkv", "GPT-NeoX's rwkv is RWKV-v6, which is not implemented here; this stack's RWKV is RWKV-4: "

@@ -135,6 +135,7 @@ register(
         flops=_flops,
         validate=_validate,
         state_bytes=_state_bytes,
-        doc="Based: normalised linear attention with the 2nd-order Taylor feature map (16 per head), chunked",
+        doc="Based linear attention: 2nd-order Taylor feature map (16 per head), normalised, chunked O(L); optional"
+            " short conv on q/k/v",
     )
 )

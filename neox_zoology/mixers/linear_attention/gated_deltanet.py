@@ -173,6 +173,7 @@ register(
         flops=_flops,
         validate=_validate,
         state_bytes=_state_bytes,
-        doc="gated DeltaNet: delta rule with a scalar decay per head, short convs, L2-normalised q/k, chunked",
+        doc="gated DeltaNet: delta rule with a scalar decay per head, short convs + SiLU on q/k/v, L2-normalised "
+            "q/k, RMSNorm-swish output gate, chunked O(L)",
     )
 )

@@ -145,6 +145,7 @@ register(
         flops=_flops,
         validate=_validate,
         state_bytes=_state_bytes,
-        doc="gated linear attention: per-key-channel data-dependent decay, RMSNorm-swish output gate, chunked",
+        doc="gated linear attention: low-rank data-dependent decay per key channel (`logsigmoid / 16`), "
+            "RMSNorm-swish output gate, chunked O(L)",
     )
 )

@@ -161,6 +161,9 @@ register(
         has_mlp=lambda args: bool(args["mlp"]),
         # GPT-NeoX's switches: its in_proj, x_proj and out_proj share one bias switch
         neox_keys={"mamba_use_bias_in_conv": ("conv_bias",), "mamba_use_bias_in_linears": ("bias", "x_proj_bias")},
-        doc="Mamba (S6): selective scan with input-dependent dt, B, C; short conv; SiLU-gated output; chunked",
+        doc="Mamba (S6): input-dependent dt, B, C; A = -exp(A_log) (S4D-real); D skip; short conv; SiLU-gated "
+            "output; chunked scan; `mlp: false`: the block is norm + Mamba only (the reference's and GPT-NeoX's), "
+            "`true` adds the configured MLP",
+        tp_note="inner",
     )
 )

@@ -241,6 +241,9 @@ register(
         validate=_validate,
         state_bytes=_state_bytes,
         has_mlp=lambda args: bool(args["mlp"]),
-        doc="Mamba-2 (SSD): scalar decay per head, B/C shared per group, short conv, gated RMSNorm; chunked",
+        doc="Mamba-2 (SSD): scalar A and input-dependent dt per head, B and C shared per group (`ngroups`), short "
+            "conv + SiLU on x, B, C; D skip; RMSNorm over each group of `y ⊙ silu(z)`; chunked SSD O(L); `mlp` as "
+            "for `mamba`",
+        tp_note="groups split when TP divides `ngroups`, replicated when `ngroups` divides TP; anything else refused",
     )
 )

@@ -127,7 +127,7 @@ register(
         before_step=set_aux_loss_scale,
         stats=collect_stats,
         state_bytes=_state_bytes,
-        doc="causal attention at positions drawn with probability p (Zoology's random-selection control)",
+        doc="causal attention at positions drawn with probability `p` (Zoology's random-selection control)",
     )
 )
 
@@ -145,7 +145,7 @@ register(
         stats=collect_stats,
         state_bytes=_state_bytes,
         memory_note="worst case: every position selected",
-        doc="causal attention at positions whose token (or bigram) already occurred earlier (raw token ids)",
+        doc="causal attention at positions whose token (or bigram) occurred earlier",
     )
 )
 
@@ -162,7 +162,6 @@ register(
         before_step=set_aux_loss_scale,
         stats=collect_stats,
         state_bytes=_state_bytes,
-        doc="causal attention at positions chosen by a sigmoid selector (top-k in training, threshold in "
-            "evaluation) with an auxiliary sparsity loss",
+        doc="causal attention at the top-k of learned sigmoid scores (threshold in eval), auxiliary sparsity loss",
     )
 )
