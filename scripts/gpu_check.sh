@@ -32,10 +32,10 @@ if [[ -d $KIT ]]; then
   "$PY" scripts/gpu_kit.py --check --out "$KIT" || exit 2
   t0=$SECONDS
   # The project and its requirements from the kit; the machine's own packages satisfy the rest.
-  if ! "$PY" -m pip install -q --no-index --find-links "$KIT" --no-build-isolation -e '.[dev]' \
+  if ! "$PY" -m pip install -q --no-index --find-links "$KIT" --no-build-isolation -e '.[dev,cuda]' \
       >> "$DEST/gpu_check.log" 2>&1; then
     echo "gpu-check: the editable install failed (log in $DEST/gpu_check.log); installing the requirements only" >&2
-    reqs=$("$PY" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')
+    reqs=$("$PY" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"] + p["optional-dependencies"]["cuda"]))')
     # shellcheck disable=SC2086
     "$PY" -m pip install -q --no-index --find-links "$KIT" $reqs >> "$DEST/gpu_check.log" 2>&1 || {
       echo "gpu-check: installing from the kit failed:" >&2

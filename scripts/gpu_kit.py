@@ -169,7 +169,8 @@ def project_requirements() -> list[str]:
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *project.get("optional-dependencies", {}).get("dev", [])]
+    extras = project.get("optional-dependencies", {})
+    return [*project["dependencies"], *extras.get("dev", []), *extras.get("cuda", [])]
 
 
 def verify(kit: Path, python_version: str) -> dict:

@@ -3,9 +3,9 @@
 - `compile: true`: torch.compile of each block's mixer (CPU: inductor + the C++ compiler);
 - fused norms: NVIDIA apex's FusedLayerNorm / FusedRMSNorm kernels on CUDA inputs;
 - bf16: every mixer in bf16 against fp32, and the FFT convolution computing in fp32;
-- flash attention through SDPA, and FlashFFTConv.
+- flash attention through SDPA, FlashFFTConv, and flash-linear-attention's kernels (GLA, gated DeltaNet).
 
-What needs CUDA, apex or flashfftconv is skipped without it (with the reason); everything that can
+What needs CUDA, apex, flashfftconv or fla is skipped without it (with the reason); everything that can
 run on a CPU does, on the CPU.
 """
 import copy
@@ -21,6 +21,7 @@ from dist import gather_tp_grad, init_tp, run_ranks
 from neox_zoology import registry
 from neox_zoology.config import build_args
 from neox_zoology.mixers import fftconv
+from neox_zoology.mixers.linear_attention import fla_path, kernels
 from neox_zoology.mixers.attention import CausalSelfAttention
 from neox_zoology.model import block as block_module
 from neox_zoology.model.block import LayerNorm, RMSNorm, ZooBlock, build_norm, compile_mixer
@@ -33,6 +34,8 @@ needs_apex = pytest.mark.skipif(
     not (CUDA and APEX), reason="needs a CUDA GPU and NVIDIA apex built with its fused_layer_norm_cuda extension")
 needs_flashfftconv = pytest.mark.skipif(
     not (CUDA and fftconv.FlashFFTConv is not None), reason="needs a CUDA GPU and the flashfftconv package")
+needs_fla = pytest.mark.skipif(
+    not (CUDA and fla_path.available()), reason="needs a CUDA GPU and fla-core (pip install '.[cuda]')")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 D, L, HEADS, B = 32, 16, 4, 2
@@ -384,3 +387,123 @@ def test_flashfftconv_equals_the_torch_fft_path(L, Lk, monkeypatch):
     for got, want in zip(*outs):  # FlashFFTConv's FFTs are bf16 matmuls: a bf16 tolerance
         assert got.dtype == want.dtype
         assert rel_err(got, want) < 3e-2
+
+
+def _linear_attention_inputs(kind, device, dtype, b=2, h=2, L=100, K=32, V=48):
+    """q, k, v [b, h, L, *] and the decay of `kind`: none | head | channel (log decays <= 0), or the delta
+    rule's (beta, log_alpha) with L2-normalised q, k."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, L, n, generator=g) for n in (K, K, V))
+    if kind == "delta":
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+        extra = (torch.rand(b, h, L, generator=g), -torch.rand(b, h, L, generator=g) * 0.5)
+    else:
+        shape = {"none": None, "head": (b, h, L), "channel": (b, h, L, K)}[kind]
+        q = q * K ** -0.5
+        extra = (None if shape is None else -torch.rand(*shape, generator=g) * 0.5,)
+    return [None if t is None else t.to(device, dtype).requires_grad_(True) for t in (q, k, v, *extra)]
+
+
+def _run_kernel(kind, inputs):
+    fn = kernels.chunked_gated_delta_rule if kind == "delta" else kernels.chunked_linear_attention
+    o, S = fn(*inputs, chunk_size=64) if kind == "delta" else fn(*inputs, chunk_size=16)
+    (o.float().square().sum() + S.float().sum()).backward()
+    return [o, S] + [t.grad for t in inputs if t is not None]
+
+
+def test_the_fla_path_is_only_taken_for_cuda_inputs_it_supports(monkeypatch):
+    """Whatever is installed, CPU and fp64 inputs, heads wider than the kernels tile and an initial state that
+    needs a gradient run the portable kernels; `ENABLED = False` turns the fast path off."""
+    monkeypatch.setattr(fla_path, "_fla_gla", object())  # as if fla had imported
+    cpu = torch.zeros(1, 2, 8, 16)
+    assert not fla_path.usable(cpu, cpu, None)
+
+    class FakeCuda:
+        is_cuda, dtype = True, torch.float32
+
+        def __init__(self, last):
+            self.shape = (1, 2, 8, last)
+
+    assert fla_path.usable(FakeCuda(64), FakeCuda(64), None)
+    assert not fla_path.usable(FakeCuda(fla_path.MAX_HEAD_DIM + 1), FakeCuda(64), None)
+    fp64 = FakeCuda(64)
+    fp64.dtype = torch.float64
+    assert not fla_path.usable(fp64, FakeCuda(64), None)
+    assert not fla_path.usable(FakeCuda(64), FakeCuda(64), torch.zeros(1, requires_grad=True))
+    monkeypatch.setattr(fla_path, "ENABLED", False)
+    assert not fla_path.usable(FakeCuda(64), FakeCuda(64), None)
+
+
+@needs_fla
+@pytest.mark.parametrize("kind", ["none", "head", "channel", "delta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fla_kernels_equal_the_portable_kernels(kind, dtype, monkeypatch):
+    """Outputs, final states and every input gradient of the fla path against the portable kernels in fp32
+    (fla's dot products use tf32 / bf16 tensor cores: a 1e-2 / 5e-2 relative tolerance)."""
+    calls = []
+    for name in ("linear_attention", "gated_delta_rule"):
+        fn = getattr(fla_path, name)
+        monkeypatch.setattr(fla_path, name, lambda *a, fn=fn, **k: calls.append(fn) or fn(*a, **k))
+    fast = _run_kernel(kind, _linear_attention_inputs(kind, "cuda", dtype))
+    assert len(calls) == 1
+    monkeypatch.setattr(fla_path, "ENABLED", False)
+    ref = _run_kernel(kind, _linear_attention_inputs(kind, "cuda", torch.float32))
+    assert len(calls) == 1
+    tol = 1e-2 if dtype == torch.float32 else 5e-2
+    for name, got, want in zip(["o", "S", "dq", "dk", "dv", "d_extra1", "d_extra2"], fast, ref):
+        assert got.shape == want.shape and rel_err(got.float(), want.float()) < tol, name
+
+
+@needs_fla
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet"])
+def test_fla_mixers_equal_their_portable_path(name, monkeypatch):
+    torch.manual_seed(0)
+    m = neox_zoology.build_mixer(name, hidden_size=128, seq_length=96, layer_index=0).cuda()
+    x = torch.randn(2, 96, 128, device="cuda")
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fla_path, "ENABLED", enabled)
+        m.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        y = m(xx)
+        y.square().sum().backward()
+        outs.append([y, xx.grad] + [p.grad for p in m.parameters()])
+    for got, want in zip(*outs):
+        assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["none", "head", "channel", "delta"])
+def test_the_fla_wrappers_pass_fla_its_layout(kind, monkeypatch):
+    """Stand-ins with fla's documented signatures ([B, T, H, K] inputs, gates [B, T, H(, K)], scale, fp32 initial
+    state, final state [B, H, K, V]) computed by the portable kernels: the wrappers move the layout both ways
+    and equal the portable path on the CPU (the CUDA test compares the real kernels)."""
+    def to_bhlk(*xs):
+        return [None if x is None else x.transpose(1, 2) for x in xs]
+
+    def fake_linear(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False):
+        assert scale == 1.0 and output_final_state and q.shape[:3] == v.shape[:3]
+        assert g is None or g.shape[:3] == q.shape[:3]
+        o, S = kernels.chunked_linear_attention(*to_bhlk(q, k, v, g), chunk_size=16, initial_state=initial_state)
+        return o.transpose(1, 2), S
+
+    def fake_delta(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+        assert scale == 1.0 and output_final_state and chunk_size in fla_path.DELTA_RULE_CHUNKS
+        assert g.shape == beta.shape == q.shape[:3]
+        o, S = kernels.chunked_gated_delta_rule(*to_bhlk(q, k, v, beta, g), chunk_size=chunk_size,
+                                                initial_state=initial_state)
+        return o.transpose(1, 2), S
+
+    monkeypatch.setattr(fla_path, "_fla_gla", fake_linear)
+    monkeypatch.setattr(fla_path, "_fla_simple_gla", fake_linear)
+    monkeypatch.setattr(fla_path, "_fla_gated_delta_rule", fake_delta)
+    inputs = _linear_attention_inputs(kind, "cpu", torch.float32)
+    args = [t.detach() for t in inputs if t is not None]
+    if kind != "delta" and len(args) == 3:
+        args.append(None)
+    S0 = torch.randn(2, 2, 32, 48)
+    wrapped = (fla_path.gated_delta_rule(*args, 64, S0) if kind == "delta"
+               else fla_path.linear_attention(*args, initial_state=S0))
+    fn = kernels.chunked_gated_delta_rule if kind == "delta" else kernels.chunked_linear_attention
+    direct = fn(*args, chunk_size=64 if kind == "delta" else 16, initial_state=S0)
+    for got, want in zip(wrapped, direct):
+        assert got.shape == want.shape and rel_err(got, want) < 1e-6

@@ -4,12 +4,15 @@ Layout: q, k [b, h, L, K], v [b, h, L, V], a state S [b, h, K, V]; the output at
 where S_t already holds position t. The chunked forms cut L into chunks of C positions: inside a chunk
 a masked C x C product, across chunks the state carried forward; memory is O(L) in the sequence length
 (the per-key-channel decay adds a C x C x K factor per chunk). Every decay is exp of a non-positive
-number, so nothing overflows in fp32. Derivations: docs/recall-mixers.md.
+number, so nothing overflows in fp32. Derivations: docs/recall-mixers.md. On CUDA, when flash-linear-attention
+is installed, the chunked forms run its Triton kernels instead (fla_path.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from neox_zoology.mixers.linear_attention import fla_path
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -36,6 +39,8 @@ def chunked_linear_attention(q, k, v, log_decay=None, chunk_size: int = 64, init
     log_decay: None (no decay), [b, h, L] (one gate per head) or [b, h, L, K] (one per key channel),
     all entries <= 0. Equal to `linear_attention_step` applied token by token.
     """
+    if fla_path.usable(q, v, initial_state):
+        return fla_path.linear_attention(q, k, v, log_decay, initial_state)
     b, h, L, K = q.shape
     V = v.shape[-1]
     C = max(1, min(chunk_size, L))
@@ -87,6 +92,8 @@ def chunked_gated_delta_rule(q, k, v, beta, log_alpha, chunk_size: int = 64, ini
     beta, log_alpha [b, h, L] (log_alpha <= 0, a_t = exp(log_alpha_t)). Inside a chunk the writes
     d_t = b_t (v_t - a_t S_{t-1}^T k_t) solve one unit lower-triangular C x C system (docs/recall-mixers.md).
     """
+    if fla_path.usable(q, v, initial_state):
+        return fla_path.gated_delta_rule(q, k, v, beta, log_alpha, chunk_size, initial_state)
     b, h, L, K = q.shape
     V = v.shape[-1]
     C = max(1, min(chunk_size, L))
