@@ -28,7 +28,7 @@ def yaml_value(v) -> str:
     if v is None:
         return "null"
     if isinstance(v, float):
-        if v != 0 and abs(v) < 1e-3:
+        if "e" in repr(v) or (v != 0 and abs(v) < 1e-3):  # YAML 1.1 reads 1e-05 and 1e+20 as text
             mantissa, exp = f"{v:.1e}".split("e")
             return f"{mantissa}e{int(exp)}"
         return repr(v)
@@ -92,13 +92,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neox_zoology.doc_tables", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report the pages whose table differs")
     args = parser.parse_args(argv)
-    stale = [page for page, text in pages().items() if page.read_text() != text]
+    fresh = pages()
+    stale = [page for page, text in fresh.items() if page.read_text() != text]
     if args.check:
         for page in stale:
             print(f"{page.relative_to(ROOT)}: table differs from the code; run python -m neox_zoology.doc_tables")
         return 1 if stale else 0
-    for page, text in pages().items():
-        page.write_text(text)
+    for page in stale:
+        page.write_text(fresh[page])
     print(f"rewrote {len(stale)} page(s): {', '.join(str(p.relative_to(ROOT)) for p in stale) or 'none changed'}")
     return 0
 

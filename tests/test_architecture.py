@@ -281,3 +281,5 @@ def test_the_table_replacement_finds_a_stale_row():
     fixed = doc_tables.replace_table(text, rows)
     assert "`old`" not in fixed and fixed.startswith("intro\n\n" + rows[0]) and fixed.endswith("\n\nafter\n")
     assert doc_tables.yaml_value(1e-5) == "1.0e-5" and doc_tables.yaml_value([1.0, None, True]) == "[1.0, null, true]"
+    assert doc_tables.yaml_value(1e20) == "1.0e20" and doc_tables.yaml_value(0.5) == "0.5"
+    assert doc_tables.main(["--check"]) == 0
