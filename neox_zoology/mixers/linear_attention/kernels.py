@@ -69,10 +69,10 @@ def chunked_linear_attention(q, k, v, log_decay=None, chunk_size: int = 64, init
             carry = last.transpose(-1, -2).exp()  # [b, h, n, K, 1]
         intra = A @ vc
         kv = k_out.transpose(-1, -2) @ vc  # [b, h, n, K, V]
-        carried = []
-        for c in range(n):
-            carried.append(q_in[:, :, c] @ S)
-            S = carry[:, :, c] * S + kv[:, :, c]
+        carried = []  # unbind once: indexing chunk c in the loop would cost a full-size zero fill per chunk in backward
+        for q_c, carry_c, kv_c in zip(q_in.unbind(2), carry.unbind(2), kv.unbind(2)):
+            carried.append(q_c @ S)
+            S = carry_c * S + kv_c
         o = intra + torch.stack(carried, 2)
         final = S
     return o.reshape(b, h, n * C, V)[:, :, :L], final
@@ -109,11 +109,11 @@ def chunked_gated_delta_rule(q, k, v, beta, log_alpha, chunk_size: int = 64, ini
     A = (qc @ kc.transpose(-1, -2)) * _decay_matrix(cum, ones.tril())
     last = cum[..., -1:]
     q_in, k_out, carry = qc * cum.exp()[..., None], kc * (last - cum).exp()[..., None], last.exp()[..., None]
-    outs = []
-    for c in range(n):
-        delta = U[:, :, c] - W[:, :, c] @ S
-        outs.append(q_in[:, :, c] @ S + A[:, :, c] @ delta)
-        S = carry[:, :, c] * S + k_out[:, :, c].transpose(-1, -2) @ delta
+    outs = []  # chunks unbound once, as in chunked_linear_attention
+    for U_c, W_c, q_c, A_c, carry_c, k_c in zip(*(t.unbind(2) for t in (U, W, q_in, A, carry, k_out))):
+        delta = U_c - W_c @ S
+        outs.append(q_c @ S + A_c @ delta)
+        S = carry_c * S + k_c.transpose(-1, -2) @ delta
     return torch.stack(outs, 2).reshape(b, h, n * C, V)[:, :, :L], S
 
 

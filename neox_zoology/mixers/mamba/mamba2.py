@@ -60,10 +60,10 @@ def chunked_ssd(x, dt, A, B, C, chunk_size: int = 64, initial_state=None):
     cum, last = cum.view(b, G, hg, n, Q), last.view(b, G, hg, n, 1)
     writes = (xs * (last - cum).exp()[..., None]).transpose(-1, -2) @ Bc[:, :, None]  # [b, G, hg, n, P, N]
     S = x.new_zeros(b, G, hg, P, N) if initial_state is None else initial_state.view(b, G, hg, P, N)
-    carried = []
-    for c in range(n):
-        carried.append((Cc[:, :, None, c] @ S.transpose(-1, -2)) * cum[..., c, :, None].exp())
-        S = last[..., c, :, None].exp() * S + writes[..., c, :, :]
+    carried = []  # unbind once: indexing chunk c in the loop would cost a full-size zero fill per chunk in backward
+    for C_c, cum_c, last_c, w_c in zip(Cc[:, :, None].unbind(3), cum.unbind(3), last.unbind(3), writes.unbind(3)):
+        carried.append((C_c @ S.transpose(-1, -2)) * cum_c[..., None].exp())
+        S = last_c[..., None].exp() * S + w_c
     y = intra + torch.stack(carried, 3)
     return y.reshape(b, H, n * Q, P)[:, :, :L], S.reshape(b, H, P, N)
 

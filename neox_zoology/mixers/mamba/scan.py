@@ -1,44 +1,93 @@
-"""The selective scan (S6) in plain PyTorch: chunked, checkpointed, any device.
+"""The selective scan (S6) in plain PyTorch: chunked, with a hand-written backward, any device.
 
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t,    y_t = C_t . h_t + D x_t
 
 per channel e (state h_t[e] of N numbers, A [E, N] <= 0, B_t, C_t [N] shared by the channels).
-Inside a chunk of C positions the pairs (exp(dt A), dt x B) are combined by an inclusive
-Hillis-Steele scan (log2 C steps, products of decays only, so nothing overflows); chunks run in
-order, each recomputed in backward (torch.utils.checkpoint), so what stays saved per chunk is its
-inputs and one [b, E, N] state: O(L E) memory rather than O(L E N).
+Per chunk of C positions the decays a_t = exp(dt_t A) and inputs u_t = dt_t x_t B_t are formed at once
+([C, b, E, N]), the recurrence runs one fused multiply-add per position, and C_t . h_t is one
+contraction. Only the chunk-start states ([L / C, b, E, N]) and the inputs are saved; backward
+recomputes a chunk's states from its start state and runs the adjoint recurrence in reverse,
+
+    g_t = C_t gy_t + a_{t+1} g_{t+1}   (g_{last} starts from the gradient of the returned final state),
+
+from which du_t = g_t, da_t = g_t h_{t-1}, and the gradients of dt, x, A, B, C follow by the chain rule.
+Memory: O(L E + (L / C) E N + C E N) rather than autograd's O(L E N). Double backward is not supported.
 """
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 
-def _scan_chunk(h0, x, dt, A, B, C):
-    """h0 [b, E, N]; x, dt [b, E, c]; B, C [b, N, c] -> (C.h without the skip [b, E, c], h at the end)."""
-    a = torch.exp(dt[..., None] * A[:, None, :])  # [b, E, c, N]
-    s = (dt * x)[..., None] * B.transpose(1, 2)[:, None]
-    step = 1
-    while step < x.shape[-1]:  # after this loop: a = decay from the chunk start, s = state from a zero start
-        s = torch.cat([s[:, :, :step], s[:, :, step:] + a[:, :, step:] * s[:, :, :-step]], 2)
-        a = torch.cat([a[:, :, :step], a[:, :, step:] * a[:, :, :-step]], 2)
-        step *= 2
-    h = s + a * h0[:, :, None]
-    return (h * C.transpose(1, 2)[:, None]).sum(-1), h[:, :, -1]
+def _decays_inputs(x, dt, A, B):
+    """x, dt [b, E, c], A [E, N], B [b, N, c] -> a = exp(dt A), u = dt x B, both [c, b, E, N] contiguous."""
+    dtp = dt.permute(2, 0, 1)[..., None]  # [c, b, E, 1]
+    a = torch.exp(dtp * A)
+    u = (dtp * x.permute(2, 0, 1)[..., None]) * B.permute(2, 0, 1)[:, :, None, :]
+    return a, u
 
 
-def selective_scan(x, dt, A, B, C, D, chunk_size: int = 32, initial_state=None):
+def _states(h0, a, u):
+    """h0 [b, E, N], a, u [c, b, E, N] -> every state h_1..h_c [c, b, E, N]."""
+    hs = torch.empty_like(u)
+    h = h0
+    for t in range(u.shape[0]):
+        h = torch.addcmul(u[t], a[t], h, out=hs[t])
+    return hs
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0, chunk_size):
+        L = x.shape[-1]
+        starts, ys, h = [], [], h0
+        for s in range(0, L, chunk_size):
+            sl = slice(s, s + chunk_size)
+            starts.append(h)
+            hs = _states(h, *_decays_inputs(x[..., sl], dt[..., sl], A, B[..., sl]))
+            ys.append(torch.einsum("tben,bnt->bet", hs, C[..., sl]))
+            h = hs[-1]
+        ctx.save_for_backward(x, dt, A, B, C, torch.stack(starts))
+        ctx.chunk_size = chunk_size
+        return torch.cat(ys, -1), h.clone()
+
+    @staticmethod
+    def backward(ctx, gy, gh):
+        x, dt, A, B, C, starts = ctx.saved_tensors
+        c, L = ctx.chunk_size, x.shape[-1]
+        gx, gdt, gB, gC = (torch.empty_like(t) for t in (x, dt, B, C))
+        gA = torch.zeros_like(A)
+        g_next = torch.zeros_like(starts[0]) if gh is None else gh.contiguous()  # dLoss/dh at the chunk's end
+        if gy is None:
+            gy = x.new_zeros(x.shape)
+        for k in reversed(range(len(starts))):
+            sl = slice(k * c, min(L, (k + 1) * c))
+            xs, dts, Bs, Cs, gys = x[..., sl], dt[..., sl], B[..., sl], C[..., sl], gy[..., sl]
+            a, u = _decays_inputs(xs, dts, A, Bs)
+            hs = _states(starts[k], a, u)
+            gC[..., sl] = torch.einsum("tben,bet->bnt", hs, gys)
+            g = torch.einsum("bnt,bet->tben", Cs, gys).contiguous()  # becomes g_t in place, last to first
+            g[-1] += g_next
+            for t in range(g.shape[0] - 1, 0, -1):
+                g[t - 1].addcmul_(a[t], g[t])
+            g_next = a[0] * g[0]  # into the previous chunk's last state
+            h_prev = torch.cat([starts[k][None], hs[:-1]])
+            ga_a = g * h_prev * a  # dLoss/d(dt A) elementwise
+            dtp = dts.permute(2, 0, 1)[..., None]
+            gA += (ga_a * dtp).sum((0, 1))
+            gdt_decay = (ga_a * A).sum(-1)  # [c, b, E]
+            gu_B = torch.einsum("tben,bnt->tbe", g, Bs)  # sum_n g B
+            xsp, dtsp = xs.permute(2, 0, 1), dts.permute(2, 0, 1)
+            gdt[..., sl] = (gdt_decay + gu_B * xsp).permute(1, 2, 0)
+            gx[..., sl] = (gu_B * dtsp).permute(1, 2, 0)
+            gB[..., sl] = torch.einsum("tben,tbe->bnt", g, dtsp * xsp)
+        return gx, gdt, gA, gB, gC, g_next, None
+
+
+def selective_scan(x, dt, A, B, C, D, chunk_size: int = 64, initial_state=None):
     """x, dt [b, E, L] (dt > 0), A [E, N], B, C [b, N, L], D [E] -> (y [b, E, L], h_L [b, E, N])."""
-    b, E, L = x.shape
-    h = x.new_zeros(b, E, A.shape[-1]) if initial_state is None else initial_state
-    ys = []
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, h))
-    for start in range(0, L, chunk_size):
-        part = (h, *(t[..., start:start + chunk_size] for t in (x, dt)), A,
-                *(t[..., start:start + chunk_size] for t in (B, C)))
-        y, h = checkpoint(_scan_chunk, *part, use_reentrant=False) if grad else _scan_chunk(*part)
-        ys.append(y)
-    return torch.cat(ys, -1) + D[:, None] * x, h
+    h0 = x.new_zeros(x.shape[0], x.shape[1], A.shape[-1]) if initial_state is None else initial_state
+    y, h = _SelectiveScan.apply(x, dt, A, B, C, h0, chunk_size)
+    return y + D[:, None] * x, h
 
 
 def selective_scan_step(h, x, dt, A, B, C, D):
