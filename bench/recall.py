@@ -1,4 +1,4 @@
-"""The recall-efficient mixers (Based, GLA, gated DeltaNet, Mamba) against causal attention on the CPU.
+"""The recall-efficient mixers (Based, GLA, gated DeltaNet, Mamba, Mamba-2) against causal attention on the CPU.
 
     python -m bench.recall [--hidden 256] [--heads 4] [--seq-len 2048 --seq-len 8192 --seq-len 16384]
                            [--mixers a,b] [--context 8192] [--decode-steps 32] [--out FILE] [--md FILE]
@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from bench.common import cores, emit, machine
 from bench.mixers import run_sub
 
-RECURRENT = ("based", "gla", "gated_deltanet", "mamba")
+RECURRENT = ("based", "gla", "gated_deltanet", "mamba", "mamba2")
 PEER = "attention"
 TARGET_L, TARGET_RATIO = 8192, 0.5
 

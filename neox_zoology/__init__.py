@@ -12,11 +12,12 @@ __version__ = "0.1.0"
 
 
 def build_mixer(name: str, *, hidden_size: int, seq_length: int, num_attention_heads: int = 1,
-                layer_index: int = 0, batch_first: bool = True, **mixer_args):
+                layer_index: int = 0, batch_first: bool = True, num_layers: int = 1, **mixer_args):
     """One mixer as a plain module, no process group needed.
 
     `mixer_args` are the keys of the type's YAML section (e.g. `kernel_sizes=[3, -1]` for baseconv);
-    `layer_index` picks the entry of per-layer cycles. The module maps [batch, seq, hidden] to the same
+    `layer_index` picks the entry of per-layer cycles; `num_layers` is the depth of the model it sits in (the
+    depth-scaled output inits read it). The module maps [batch, seq, hidden] to the same
     (or [seq, batch, hidden] with batch_first=False).
     """
     from neox_zoology import registry
@@ -29,6 +30,6 @@ def build_mixer(name: str, *, hidden_size: int, seq_length: int, num_attention_h
     problems = spec.validate(shape, args)
     if problems:
         raise ValueError("; ".join(problems))
-    config = transformer_config(hidden_size=hidden_size, num_attention_heads=num_attention_heads)
+    config = transformer_config(hidden_size=hidden_size, num_attention_heads=num_attention_heads, num_layers=num_layers)
     mixer = spec.module(config, layer_index + 1, seq_length=seq_length, **spec.per_layer(args, layer_index))
     return SingleProcessMixer(mixer, batch_first=batch_first)

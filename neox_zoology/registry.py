@@ -49,6 +49,9 @@ class MixerSpec:
     neox_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """GPT-NeoX top-level true/false keys that set keys of this type's section (a config's own section value
     must agree), e.g. mamba_use_bias_in_conv -> conv_bias."""
+    neox_defaults: Mapping[str, object] = field(default_factory=dict)
+    """Section values of GPT-NeoX's own version of this layer type, set (where the section leaves them unset)
+    when a config carries GPT-NeoX's top-level `<name>_*` keys, e.g. mamba's projection_init: init_method."""
     needs_token_ids: bool = False
     """The layer reads the raw token ids (the GPT layer specs carry them through the pipeline)."""
     before_step: Callable[[Any, float], None] | None = None

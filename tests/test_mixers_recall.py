@@ -216,6 +216,30 @@ def test_mamba_initialisation_follows_the_reference():
     assert m.rank == math.ceil(D / 16) and m.dt_proj.weight.abs().max() <= m.rank ** -0.5
 
 
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+@pytest.mark.parametrize("num_layers", [1, 4])
+def test_mamba_projections_start_as_the_references_linear_layers(name, num_layers):
+    """state-spaces/mamba's _init_weights (and zoology's for Mamba blocks) keep nn.Linear's U(+-fan_in^-1/2) on
+    in_proj and x_proj and divide out_proj's by sqrt(n_layer); `init_method` is GPT-NeoX's (N(0, 0.02))."""
+    torch.manual_seed(0)
+    d = 256
+    m = neox_zoology.build_mixer(name, hidden_size=d, seq_length=L, num_attention_heads=HEADS,
+                                 num_layers=num_layers).mixer
+    inner = [m.in_x, m.in_z, m.x_proj] if name == "mamba" else [m.in_x, m.in_z, m.in_B, m.in_C]
+    for w, fan_in, scale in [(lin.weight, lin.weight.shape[1], 1.0) for lin in inner] + \
+            [(m.out.weight, 2 * d, num_layers ** -0.5)]:
+        bound = scale / math.sqrt(fan_in)
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)  # uniform's std
+    torch.manual_seed(0)
+    neox = neox_zoology.build_mixer(name, hidden_size=d, seq_length=L, num_attention_heads=HEADS,
+                                    num_layers=num_layers, projection_init="init_method").mixer
+    assert neox.in_x.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert neox.out.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * num_layers), rel=0.02)
+    with pytest.raises(ValueError, match=rf"{name}.projection_init: 'xavier'; use 'kaiming_uniform'"):
+        neox_zoology.build_mixer(name, hidden_size=d, seq_length=L, projection_init="xavier")
+
+
 def test_mamba2_initialisation_follows_the_reference():
     torch.manual_seed(0)
     m = neox_zoology.build_mixer("mamba2", hidden_size=256, seq_length=L, num_attention_heads=HEADS, head_dim=8).mixer

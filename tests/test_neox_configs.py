@@ -219,6 +219,21 @@ def test_mamba_130m_without_position_embeddings_is_the_published_mamba_130m():
     assert dryrun.summarize(args)["parameters"] == 129_135_360
 
 
+@pytest.mark.parametrize("sets,expected", [([], "init_method"), (["mamba={projection_init: kaiming_uniform}"],
+                                                                 "kaiming_uniform")])
+def test_gpt_neox_mamba_configs_init_their_projections_as_gpt_neox(sets, expected):
+    """GPT-NeoX's Mamba builds in_proj / x_proj / out_proj with init_method / output_layer_init_method; a config
+    carrying its mamba_* keys gets that, unless its mamba section names a projection_init."""
+    args = plan("mamba/mamba-130M.yml", sets)
+    assert args.mixer_args("mamba")["projection_init"] == expected
+
+
+def test_our_mamba_configs_keep_the_reference_init():
+    ours = Path(__file__).parents[1] / "configs" / "neox" / "mamba_360m.yml"
+    args = load([str(ours)], sets=["vocab_file=null", "merge_file=null", "vocab_size=50304"])
+    assert args.mixer_args("mamba")["projection_init"] == "kaiming_uniform"
+
+
 @pytest.mark.parametrize("sets", [["mamba_use_bias_in_linears=true"], ["mamba_use_bias_in_conv=false"],
                                   ["mamba_use_bias_in_linears=true", "mamba_use_bias_in_conv=false"]])
 def test_mamba_bias_switches_plan_neox_count(sets):

@@ -48,7 +48,8 @@ class MQARModel(nn.Module):
             seen[t] = occurrence + 1
             self.norms.append(nn.LayerNorm(d_model))
             self.mixers.append(build_mixer(t, hidden_size=d_model, seq_length=seq_len, num_attention_heads=num_heads,
-                                           layer_index=occurrence, **mixer_args.get(t, {})))
+                                           layer_index=occurrence, num_layers=len(layer_types),
+                                           **mixer_args.get(t, {})))
             self.needs_ids.append(registry.get(t).needs_token_ids)
         self.final_norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)

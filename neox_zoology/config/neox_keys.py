@@ -118,8 +118,11 @@ NEOX_MAMBA_FUSION = ("mamba_selective_scan_fusion", "mamba_causal_conv_fusion", 
 
 def neox_mamba_keys(raw: dict, where, ignored: list) -> list[str]:
     """Moves GPT-NeoX's mamba_* keys out of `raw`: bias switches into the layer type's section, kernel switches and
-    mamba_selective_fp32_params (where it changes nothing) into `ignored`; returns the problems."""
+    mamba_selective_fp32_params (where it changes nothing) into `ignored`; returns the problems. A config with
+    GPT-NeoX's `<name>_*` keys of a layer type with `MixerSpec.neox_defaults` means GPT-NeoX's version of it: its
+    section gets those values where it leaves them unset (Mamba: projection_init init_method, GPT-NeoX's init)."""
     problems = []
+    neox_style = {name for name in registry.names() if any(key.startswith(f"{name}_") for key in raw)}
     for key in NEOX_MAMBA_FUSION:
         if key in raw:
             value = raw.pop(key)
@@ -155,4 +158,8 @@ def neox_mamba_keys(raw: dict, where, ignored: list) -> list[str]:
                             f"run's precision, the scan still computes in fp32) or train in fp32")
         else:
             ignored.append(key)  # false, or an fp32 run: every parameter is fp32 anyway
+    for name in sorted(neox_style):
+        section, defaults = raw.get(name), registry.get(name).neox_defaults
+        if defaults and (section is None or isinstance(section, dict)):
+            raw[name] = {**defaults, **(section or {})}
     return problems

@@ -6,7 +6,11 @@ so the same class drops into megatron-core's `TransformerLayer` through a `Modul
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
+from torch import nn
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -41,6 +45,33 @@ def exclude_from_weight_decay(module_or_param):
     for p in params:
         setattr(p, NO_WEIGHT_DECAY, True)
     return module_or_param
+
+
+PROJECTION_INITS = ("kaiming_uniform", "init_method")  # the reference's nn.Linear default | the model's init_method
+
+
+def torch_linear_default(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """nn.Linear's default weight init, U(+-1/sqrt(fan_in)), on the full-size [out, in] weight, times `scale`."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if scale != 1.0:
+        with torch.no_grad():
+            weight.mul_(scale)
+    return weight
+
+
+def projection_inits(config, projection_init: str):
+    """(inner, output) init functions: `kaiming_uniform` -> nn.Linear's default, the output one divided by
+    sqrt(config.num_layers) (state-spaces/mamba's and zoology's `_init_weights` for Mamba blocks); `init_method` ->
+    the model's init_method and output_layer_init_method."""
+    if projection_init == "kaiming_uniform":
+        return torch_linear_default, functools.partial(torch_linear_default, scale=max(config.num_layers, 1) ** -0.5)
+    return config.init_method, config.output_layer_init_method
+
+
+def check_projection_init(errors: list, name: str, args: dict) -> None:
+    if args["projection_init"] not in PROJECTION_INITS:
+        errors.append(f"{name}.projection_init: {args['projection_init']!r}; use 'kaiming_uniform' (the reference's) "
+                      f"or 'init_method' (the model's init_method and output_layer_init_method)")
 
 
 def full_then_local(full: torch.Tensor, dim: int, local: slice) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer, full_then_local
+from neox_zoology.mixers.base import Mixer, check_projection_init, full_then_local, torch_linear_default
 from neox_zoology.parallel import ColumnLinear, RowLinear, mark_tp_param, tp_slice
 from neox_zoology.registry import STATE_BYTES, MixerSpec, not_in_configs, register
 
@@ -115,14 +115,6 @@ def _layer_ratios(config, layer_number: int) -> tuple[float, float]:
     return (i / (n - 1) if n > 1 else 0.0), 1.0 - i / n
 
 
-def _torch_linear_default(weight: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's default weight init, U(+-1/sqrt(fan_in)), on the full-size [out, in] weight."""
-    return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-
-
-PROJECTION_INITS = ("kaiming_uniform", "init_method")
-
-
 def _position_ramp(d: int) -> torch.Tensor:
     return torch.arange(d, dtype=torch.float32) / d
 
@@ -145,7 +137,7 @@ class RWKVTimeMix(Mixer):
         self.time_decay = mark_tp_param(nn.Parameter(full_then_local(decay, 0, local).to(dtype)))
         self.time_first = mark_tp_param(nn.Parameter(full_then_local(first, 0, local).to(dtype)))
         if projection_init == "kaiming_uniform":
-            inner = outer = _torch_linear_default
+            inner = outer = torch_linear_default
         else:
             inner, outer = config.init_method, config.output_layer_init_method
         col = dict(config=config, init_method=inner, bias=False, gather_output=False)
@@ -261,9 +253,7 @@ def _validate(shape, args):
     c = args["wkv_chunk"]
     if not isinstance(c, int) or isinstance(c, bool) or c < 2:
         errors.append(f"rwkv.wkv_chunk: {c!r}; use an int >= 2 (positions per WKV chunk), e.g. 4")
-    if args["projection_init"] not in PROJECTION_INITS:
-        errors.append(f"rwkv.projection_init: {args['projection_init']!r}; use 'kaiming_uniform' (the reference's) "
-                      f"or 'init_method' (the model's init methods)")
+    check_projection_init(errors, "rwkv", args)
     return errors
 
 

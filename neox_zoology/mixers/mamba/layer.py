@@ -9,14 +9,15 @@ With E = expand d inner channels, N = d_state, R = dt_rank (0: ceil(d / 16)):
     y = selective_scan(x, dt, A = -exp(A_log), B, C, D)        (scan.py)
     out = W_o (y * silu(z))
 
-Initialisation as the reference (state-spaces/mamba `Mamba`, zoology `Mamba`): A_log = log(1..N) per
-channel (S4D-real), D = 1, W_dt uniform +-dt_scale R^-1/2 ("random") or constant, b_dt = softplus^-1
-of dt log-uniform in [dt_min, dt_max] floored at dt_init_floor; the other projections start as the
-model's linear layers (init_method, W_o output_layer_init_method). A_log, D and b_dt get no weight decay.
-`bias`: W_x, W_z, W_o biases; `x_proj_bias`: W_xp's. The block is norm + Mamba only (`mlp: true` adds the
-MLP; MixerSpec.has_mlp reads it, the module ignores it). Derivations: docs/recall-mixers.md.
-Tensor parallelism: inner channels split. W_x, W_z, W_dt column-parallel; W_xp row-parallel (dt_in,
-B, C summed over ranks, then shared); W_o row-parallel.
+Initialisation as the reference (state-spaces/mamba `Mamba` with `_init_weights`, zoology `Mamba` in a
+`MambaBlock`): A_log = log(1..N) per channel (S4D-real), D = 1, W_dt uniform +-dt_scale R^-1/2
+("random") or constant, b_dt = softplus^-1 of dt log-uniform in [dt_min, dt_max] floored at
+dt_init_floor. `projection_init: kaiming_uniform` (the reference's): W_x, W_z, W_xp keep nn.Linear's
+U(+-fan_in^-1/2), W_o the same divided by sqrt(num_layers), biases zero; `init_method`: the model's
+init_method and output_layer_init_method (GPT-NeoX's Mamba). A_log, D and b_dt get no weight decay.
+`bias`: W_x, W_z, W_o biases; `x_proj_bias`: W_xp's. Block: norm + Mamba (`mlp: true` adds the MLP).
+TP: inner channels split; W_x, W_z, W_dt column-parallel; W_xp row-parallel (dt_in, B, C summed over ranks,
+then shared); W_o row-parallel. Derivations: docs/recall-mixers.md.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer, exclude_from_weight_decay, full_then_local
+from neox_zoology.mixers.base import (Mixer, check_projection_init, exclude_from_weight_decay, full_then_local,
+                                      projection_inits)
 from neox_zoology.mixers.linear_attention.common import ShortConv, check_bool, check_int, check_number
 from neox_zoology.mixers.linear_attention.gated_deltanet import inverse_softplus_dt
 from neox_zoology.mixers.linear_attention.kernels import compute_dtype
@@ -43,15 +45,16 @@ class Mamba(Mixer):
                  expand: int = 2, dt_rank: int = 0, dt_min: float = 1e-3, dt_max: float = 1e-1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
                  bias: bool = False, x_proj_bias: bool = False, chunk_size: int = 32, mlp: bool = False,
-                 **stack_kwargs):
+                 projection_init: str = "kaiming_uniform", **stack_kwargs):
         super().__init__(config, layer_number, **stack_kwargs)
         d, dtype = config.hidden_size, config.params_dtype
         E, R = expand * d, dt_rank or math.ceil(d / 16)
         self.rank, self.d_state, self.chunk_size = R, d_state, chunk_size
-        lin = dict(config=config, init_method=config.init_method, bias=bias, gather_output=False)
+        inner, outer = projection_inits(config, projection_init)
+        lin = dict(config=config, init_method=inner, bias=bias, gather_output=False)
         self.in_x, self.in_z = ColumnLinear(d, E, **lin), ColumnLinear(d, E, **lin)
         self.conv = ShortConv(E, d_conv, bias=conv_bias, activation=True, params_dtype=dtype)
-        self.x_proj = RowLinear(E, R + 2 * d_state, config=config, init_method=config.init_method, bias=x_proj_bias,
+        self.x_proj = RowLinear(E, R + 2 * d_state, config=config, init_method=inner, bias=x_proj_bias,
                                 input_is_parallel=True, skip_bias_add=False)
         std = dt_scale / math.sqrt(R)
         dt_weight_init = (lambda w: nn.init.uniform_(w, -std, std)) if dt_init == "random" else \
@@ -65,7 +68,7 @@ class Mamba(Mixer):
         self.D = mark_tp_param(nn.Parameter(torch.ones(local.stop - local.start, dtype=dtype)))
         for p in (self.A_log, self.D, self.dt_proj.bias):
             exclude_from_weight_decay(p)
-        self.out = RowLinear(E, d, config=config, init_method=config.output_layer_init_method, bias=bias,
+        self.out = RowLinear(E, d, config=config, init_method=outer, bias=bias,
                              input_is_parallel=True, skip_bias_add=False)
 
     def _dt_B_C(self, x_seq, dtype):
@@ -131,6 +134,7 @@ def _validate(shape, args):
     check_bool(errors, "mamba", args, "x_proj_bias")
     check_bool(errors, "mamba", args, "mlp")
     check_int(errors, "mamba", args, "chunk_size", 1, "use a positive int, e.g. 32")
+    check_projection_init(errors, "mamba", args)
     return errors
 
 
@@ -153,7 +157,7 @@ register(
         module=Mamba,
         defaults={"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": 0, "dt_min": 1e-3, "dt_max": 1e-1,
                   "dt_init": "random", "dt_scale": 1.0, "dt_init_floor": 1e-4, "conv_bias": True, "bias": False,
-                  "x_proj_bias": False, "chunk_size": 32, "mlp": False},
+                  "x_proj_bias": False, "chunk_size": 32, "mlp": False, "projection_init": "kaiming_uniform"},
         tp_split="channels",
         flops=_flops,
         validate=_validate,
@@ -161,9 +165,12 @@ register(
         has_mlp=lambda args: bool(args["mlp"]),
         # GPT-NeoX's switches: its in_proj, x_proj and out_proj share one bias switch
         neox_keys={"mamba_use_bias_in_conv": ("conv_bias",), "mamba_use_bias_in_linears": ("bias", "x_proj_bias")},
+        neox_defaults={"projection_init": "init_method"},  # GPT-NeoX's Mamba: in/x/out_proj take init_method
         doc="Mamba (S6): input-dependent dt, B, C; A = -exp(A_log) (S4D-real); D skip; short conv; SiLU-gated "
             "output; chunked scan; `mlp: false`: the block is norm + Mamba only (the reference's and GPT-NeoX's), "
-            "`true` adds the configured MLP",
+            "`true` adds the configured MLP; `projection_init: kaiming_uniform`: nn.Linear's default, W_o / "
+            "sqrt(num_layers) (the reference's), `init_method`: the model's (GPT-NeoX's; set for configs with its "
+            "`mamba_*` keys)",
         tp_note="inner",
     )
 )

@@ -10,7 +10,8 @@ With E = expand d inner channels in H = E / P heads of P = head_dim channels, N 
 
 As state-spaces/mamba `Mamba2` (and zoology's copy) with rmsnorm on, D per head, no dt limit: A_log = log
 U[A_init_range], D = 1, b_dt = softplus^-1 of dt log-uniform in [dt_min, dt_max] floored at dt_init_floor;
-A_log, D, b_dt without weight decay; projections start as the model's linear layers. `chunked_ssd` is the
+A_log, D, b_dt without weight decay; `projection_init` as Mamba's (layer.py: `kaiming_uniform`, the reference's
+nn.Linear default with W_o divided by sqrt(num_layers), or `init_method`, the model's). `chunked_ssd` is the
 SSD chunked form (derivation: docs/recall-mixers.md): O(L) memory, C x B computed once per group. The block is
 norm + Mamba-2 only (`mlp: true` adds the MLP). Tensor parallelism: heads split (W_z, W_x, W_dt column-parallel,
 W_o row-parallel); the groups split when TP divides G, else (G dividing TP) W_B, W_C and their convs are
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_zoology import flops
-from neox_zoology.mixers.base import Mixer, exclude_from_weight_decay, full_then_local
+from neox_zoology.mixers.base import (Mixer, check_projection_init, exclude_from_weight_decay, full_then_local,
+                                      projection_inits)
 from neox_zoology.mixers.linear_attention.common import ShortConv, check_bool, check_int, check_number
 from neox_zoology.mixers.linear_attention.gated_deltanet import inverse_softplus_dt
 from neox_zoology.mixers.linear_attention.kernels import compute_dtype
@@ -79,10 +81,10 @@ def ssd_step(h, x, dt, A, B, C):
 class ReplicatedLinear(nn.Module):
     """W u + b with the same full weight on every TP rank (init as megatron-core's CPU init: full draw, zero bias)."""
 
-    def __init__(self, d_in: int, d_out: int, config, bias: bool):
+    def __init__(self, d_in: int, d_out: int, config, bias: bool, init_method=None):
         super().__init__()
         w = torch.empty(d_out, d_in)
-        config.init_method(w)
+        (init_method or config.init_method)(w)
         self.weight = nn.Parameter(w.to(config.params_dtype))
         self.bias = nn.Parameter(torch.zeros(d_out, dtype=config.params_dtype)) if bias else None
 
@@ -94,7 +96,8 @@ class Mamba2(Mixer):
     def __init__(self, config, layer_number: int = 1, *, seq_length: int, d_state: int = 128, d_conv: int = 4,
                  expand: int = 2, head_dim: int = 64, ngroups: int = 1, A_init_range=(1.0, 16.0), dt_min: float = 1e-3,
                  dt_max: float = 1e-1, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 norm_eps: float = 1e-5, chunk_size: int = 64, mlp: bool = False, **stack_kwargs):
+                 norm_eps: float = 1e-5, chunk_size: int = 64, mlp: bool = False,
+                 projection_init: str = "kaiming_uniform", **stack_kwargs):
         super().__init__(config, layer_number, **stack_kwargs)
         d, dtype, tp = config.hidden_size, config.params_dtype, tp_size()
         E, GN = expand * d, ngroups * d_state
@@ -104,9 +107,11 @@ class Mamba2(Mixer):
         self.local_heads, self.ngroups, self.group_size = H // tp, ngroups, E // ngroups
         self.local_groups = ngroups // tp if split else 1
         self.group = None if split else tp_rank() // (tp // ngroups)  # the one group this rank's heads read
-        lin = dict(config=config, init_method=config.init_method, bias=bias, gather_output=False)
+        inner, outer = projection_inits(config, projection_init)
+        lin = dict(config=config, init_method=inner, bias=bias, gather_output=False)
         self.in_z, self.in_x, self.in_dt = ColumnLinear(d, E, **lin), ColumnLinear(d, E, **lin), ColumnLinear(d, H, **lin)
-        group_linear = (lambda: ColumnLinear(d, GN, **lin)) if split else (lambda: ReplicatedLinear(d, GN, config, bias))
+        group_linear = (lambda: ColumnLinear(d, GN, **lin)) if split else \
+            (lambda: ReplicatedLinear(d, GN, config, bias, inner))
         self.in_B, self.in_C = group_linear(), group_linear()
         self.conv_x = ShortConv(E, d_conv, bias=conv_bias, activation=True, params_dtype=dtype)
         self.conv_B, self.conv_C = (ShortConv(GN, d_conv, bias=conv_bias, activation=True, params_dtype=dtype,
@@ -120,7 +125,7 @@ class Mamba2(Mixer):
         for p in (self.A_log, self.D, self.dt_bias):
             exclude_from_weight_decay(p)
         self.norm_weight = mark_tp_param(nn.Parameter(torch.ones(E // tp, dtype=dtype)))
-        self.out = RowLinear(E, d, config=config, init_method=config.output_layer_init_method, bias=bias,
+        self.out = RowLinear(E, d, config=config, init_method=outer, bias=bias,
                              input_is_parallel=True, skip_bias_add=False)
 
     def _groups(self, bc, dtype):
@@ -211,6 +216,7 @@ def _validate(shape, args):
     for key in ("conv_bias", "bias", "mlp"):
         check_bool(errors, "mamba2", args, key)
     check_int(errors, "mamba2", args, "chunk_size", 1, "use a positive int, e.g. 64")
+    check_projection_init(errors, "mamba2", args)
     return errors
 
 
@@ -235,15 +241,15 @@ register(
         module=Mamba2,
         defaults={"d_state": 128, "d_conv": 4, "expand": 2, "head_dim": 64, "ngroups": 1, "A_init_range": [1.0, 16.0],
                   "dt_min": 1e-3, "dt_max": 1e-1, "dt_init_floor": 1e-4, "conv_bias": True, "bias": False,
-                  "norm_eps": 1e-5, "chunk_size": 64, "mlp": False},
+                  "norm_eps": 1e-5, "chunk_size": 64, "mlp": False, "projection_init": "kaiming_uniform"},
         tp_split="heads",
         flops=_flops,
         validate=_validate,
         state_bytes=_state_bytes,
         has_mlp=lambda args: bool(args["mlp"]),
         doc="Mamba-2 (SSD): scalar A and input-dependent dt per head, B and C shared per group (`ngroups`), short "
-            "conv + SiLU on x, B, C; D skip; RMSNorm over each group of `y ⊙ silu(z)`; chunked SSD O(L); `mlp` as "
-            "for `mamba`",
+            "conv + SiLU on x, B, C; D skip; RMSNorm over each group of `y ⊙ silu(z)`; chunked SSD O(L); `mlp` and "
+            "`projection_init` as for `mamba`",
         tp_note="groups split when TP divides `ngroups`, replicated when `ngroups` divides TP; anything else refused",
     )
 )
