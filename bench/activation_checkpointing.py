@@ -11,7 +11,10 @@ synthetic batch: plain (`checkpoint_activations: false`, whole-logits head), che
 
 Memory: each variant in a fresh subprocess runs one untimed forward+backward pass, then `--steps`
 passes; activation memory = peak RSS during those passes minus the RSS before them (weights and their
-gradients from the warm-up pass already resident; Linux `clear_refs` resets the peak).
+gradients from the warm-up pass already resident; Linux `clear_refs` resets the peak). The children run
+with `MALLOC_MMAP_THRESHOLD_=65536` (`bench.common.tracking_malloc_env`): with glibc's growing default
+threshold the warm-up pass's freed activations stay in the heap, the measured passes reuse them, and a
+small model's activation memory reads as zero.
 
 Time: the machine is shared, so a load change between separate processes minutes apart would move a
 ratio. One more subprocess per config therefore times all variants on one model, alternating, for
@@ -37,7 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, emit, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
+from bench.common import (MMAP_THRESHOLD, cores, emit, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes,
+                          tracking_malloc_env)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ["configs/neox/attention_360m.yml", "configs/neox/baseconv_360m.yml"]
@@ -180,7 +184,8 @@ def _subprocess(ns, flag: list, what: str) -> dict:
     cmd += ["--layers", str(ns.layers)] if ns.layers else []
     cmd += ["--threads", str(ns.threads)] if ns.threads else []
     print(f"bench.activation_checkpointing: {what} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ns.timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ns.timeout,
+                          env=tracking_malloc_env())
     if proc.returncode != 0:
         raise SystemExit(f"{what} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -215,6 +220,7 @@ def run(ns) -> dict:
             row["same_loss"] = diff == 0 if not chunk else abs(diff) <= 1e-5 * max(1.0, abs(plain["first_loss"]))
     return {"benchmark": "activation_checkpointing", "seq_len": ns.seq_len, "micro_batch": ns.micro_batch,
             "steps": ns.steps, "layers_override": ns.layers, "dtype": "fp32",
+            "malloc": f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}",
             "targets": {"memory_ratio": f"<= {MEMORY_TARGET}", "time_ratio": f"<= {TIME_TARGET}"}, "results": rows,
             "rounds": ns.rounds, "interleaved_timing": timings,
             "machine": {**machine(ns.threads or cores()), "loadavg_1min_at_start": load0,

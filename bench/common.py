@@ -93,6 +93,23 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+MMAP_THRESHOLD = 65536
+"""`MALLOC_MMAP_THRESHOLD_` of a child whose peak RSS measures tensors (see `tracking_malloc_env`)."""
+
+
+def tracking_malloc_env(default_malloc: bool = False) -> dict:
+    """The environment for a child process whose peak RSS is meant to follow its live tensors.
+
+    glibc serves every block above `MMAP_THRESHOLD` bytes from its own mapping and unmaps it on free, so
+    RSS rises and falls with the tensors. With glibc's default the threshold grows (up to 32 MiB) as
+    large blocks are freed; freed activations then stay in the heap and a pass that reuses them shows no
+    RSS growth at all. `default_malloc` keeps glibc's default (any inherited `MALLOC_*` is dropped either way)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if not default_malloc:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    return env
+
+
 def reset_peak() -> bool:
     """Reset this process's peak-RSS counter (Linux: clear_refs 5); False where not possible."""
     try:

@@ -34,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cores, emit, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes
+from bench.common import (MMAP_THRESHOLD, cores, emit, loadavg, machine, maxrss_bytes, reset_peak, rss_bytes,
+                          tracking_malloc_env)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/neox/demo_cpu.yml"
@@ -50,8 +51,6 @@ CASES = {
     "chunked_head": ["lm_head_chunk_tokens=512"],
 }
 TOLERANCE = 0.25
-MMAP_THRESHOLD = 65536
-"""MALLOC_MMAP_THRESHOLD_ of the measured child (see the module docstring)."""
 
 
 def parse(argv=None):
@@ -150,9 +149,7 @@ def child(ns, configs, sets, case: str, default_malloc: bool = False) -> dict:
     cmd = [sys.executable, "-m", "bench.memory_plan", "--_one", json.dumps(sets), "--steps", str(ns.steps)]
     cmd += [x for c in configs for x in ("--config", c)]
     cmd += ["--threads", str(ns.threads)] if ns.threads else []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    if not default_malloc:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    env = tracking_malloc_env(default_malloc)
     print(f"bench.memory_plan: {case}{' (default malloc)' if default_malloc else ''} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ns.timeout, env=env)
     if proc.returncode != 0:

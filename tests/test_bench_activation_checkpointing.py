@@ -25,4 +25,5 @@ def test_tiny_run_pairs_checkpointed_rows_with_plain(tmp_path):
         assert row["time_ratio_separate_runs"] == row["time_s"] / plain["time_s"]
         assert row["memory_ratio"] == row["activation_bytes"] / plain["activation_bytes"]
         assert row["memory_met"] == (row["memory_ratio"] <= 0.5) and row["time_met"] == (row["time_ratio"] <= 1.4)
+    assert plain["activation_bytes"] > 0 and r["malloc"] == "MALLOC_MMAP_THRESHOLD_=65536"
     assert (tmp_path / "ac.json").exists()
