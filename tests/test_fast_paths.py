@@ -3,7 +3,7 @@
 - `compile: true`: torch.compile of each block's mixer (CPU: inductor + the C++ compiler);
 - fused norms: NVIDIA apex's FusedLayerNorm / FusedRMSNorm kernels on CUDA inputs;
 - bf16: every mixer in bf16 against fp32, and the FFT convolution computing in fp32;
-- flash attention through SDPA, FlashFFTConv, and flash-linear-attention's kernels (GLA, gated DeltaNet).
+- flash attention through SDPA, FlashFFTConv, and flash-linear-attention's kernels (GLA, gated DeltaNet, Mamba-2's SSD).
 
 What needs CUDA, apex, flashfftconv or fla is skipped without it (with the reason); everything that can
 run on a CPU does, on the CPU.
@@ -22,6 +22,7 @@ from neox_zoology import registry
 from neox_zoology.config import build_args
 from neox_zoology.mixers import fftconv
 from neox_zoology.mixers.linear_attention import fla_path, kernels
+from neox_zoology.mixers.mamba import mamba2
 from neox_zoology.mixers.attention import CausalSelfAttention
 from neox_zoology.model import block as block_module
 from neox_zoology.model.block import LayerNorm, RMSNorm, ZooBlock, build_norm, compile_mixer
@@ -454,8 +455,59 @@ def test_fla_kernels_equal_the_portable_kernels(kind, dtype, monkeypatch):
         assert got.shape == want.shape and rel_err(got.float(), want.float()) < tol, name
 
 
+def _ssd_inputs(device, dtype, b=2, H=4, G=2, L=80, P=24, N=32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, H, L, P, generator=g)
+    dt = torch.rand(b, H, L, generator=g) * 0.2 + 0.01
+    A = -torch.rand(H, generator=g) * 4 - 0.5
+    B, C = (torch.randn(b, G, L, N, generator=g) * N ** -0.5 for _ in range(2))
+    return [t.to(device, dtype).requires_grad_(True) for t in (x, dt, A, B, C)]
+
+
+def test_the_ssd_fla_wrapper_is_linear_attention_with_one_gate_per_head(monkeypatch):
+    """Mamba-2's SSD through a stand-in with chunk_simple_gla's signature computed by the portable linear-attention
+    kernel: groups expanded to heads, v = dt x, gate dt A, the state transposed both ways; equal to the portable
+    `chunked_ssd` on the CPU, initial state included."""
+    def fake_simple_gla(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False):
+        assert scale == 1.0 and output_final_state and g.shape == q.shape[:3] == k.shape[:3] == v.shape[:3]
+        t = [a.transpose(1, 2) for a in (q, k, v, g)]
+        o, S = kernels.chunked_linear_attention(*t, chunk_size=16, initial_state=initial_state)
+        return o.transpose(1, 2), S
+
+    monkeypatch.setattr(fla_path, "_fla_simple_gla", fake_simple_gla)
+    x, dt, A, B, C = (t.detach() for t in _ssd_inputs("cpu", torch.float32))  # fla's states are fp32
+    h0 = torch.randn(2, 4, 24, 32)
+    got = fla_path.ssd(x, dt, A, B, C, h0)
+    want = mamba2.chunked_ssd(x, dt, A, B, C, chunk_size=32, initial_state=h0)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+
+
 @needs_fla
-@pytest.mark.parametrize("name", ["gla", "gated_deltanet"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fla_ssd_equals_the_portable_ssd(dtype, monkeypatch):
+    """Mamba-2's chunked SSD on CUDA through fla against the portable form in fp32: outputs, final state, gradients."""
+    calls = []
+    fn = fla_path.ssd
+    monkeypatch.setattr(fla_path, "ssd", lambda *a, **k: calls.append(1) or fn(*a, **k))
+
+    def run(inputs):
+        y, h = mamba2.chunked_ssd(*inputs, chunk_size=32)
+        (y.float().square().sum() + h.float().sum()).backward()
+        return [y, h] + [t.grad for t in inputs]
+
+    fast = run(_ssd_inputs("cuda", dtype))
+    assert calls == [1]
+    monkeypatch.setattr(fla_path, "ENABLED", False)
+    ref = run(_ssd_inputs("cuda", torch.float32))
+    assert calls == [1]
+    tol = 1e-2 if dtype == torch.float32 else 5e-2
+    for name, got, want in zip(["y", "h", "dx", "ddt", "dA", "dB", "dC"], fast, ref):
+        assert got.shape == want.shape and rel_err(got.float(), want.float()) < tol, name
+
+
+@needs_fla
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "mamba2"])
 def test_fla_mixers_equal_their_portable_path(name, monkeypatch):
     torch.manual_seed(0)
     m = neox_zoology.build_mixer(name, hidden_size=128, seq_length=96, layer_index=0).cuda()

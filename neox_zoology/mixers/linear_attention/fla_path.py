@@ -1,6 +1,7 @@
 """Optional CUDA fast path: flash-linear-attention's Triton kernels (`fla-core`) for the chunked forms.
 
-Used by `kernels.chunked_linear_attention` and `kernels.chunked_gated_delta_rule` when `fla` imports, the
+Used by `kernels.chunked_linear_attention`, `kernels.chunked_gated_delta_rule` and Mamba-2's
+`chunked_ssd` (as one-gate-per-head linear attention, see `ssd`) when `fla` imports, the
 inputs are CUDA tensors in fp32 / bf16 / fp16 without gradients on an initial state, and the head sizes are
 ones the kernels take (K, V <= MAX_HEAD_DIM; fla's chunk kernels tile a head's key dimension in one block).
 Everything else, CPU and fp64 included, runs the portable PyTorch kernels. The kernels compute the same
@@ -69,3 +70,15 @@ def gated_delta_rule(q, k, v, beta, log_alpha, chunk_size: int = 64, initial_sta
     o, S = _fla_gated_delta_rule(qt, kt, vt, log_alpha.transpose(1, 2), beta.transpose(1, 2), scale=1.0,
                                  initial_state=_state(initial_state), output_final_state=True, chunk_size=chunk)
     return o.transpose(1, 2).to(q.dtype), S
+
+
+def ssd(x, dt, A, B, C, initial_state=None):
+    """Mamba-2's `chunked_ssd` through fla's chunk_simple_gla. SSD is linear attention with one gate per head:
+    q = C, k = B (each head reads its group's), v = dt x, log decay dt A, and the SSD state h [P, N] is the
+    transposed linear-attention state S [N, P]. x [b, H, L, P], dt [b, H, L], A [H], B, C [b, G, L, N];
+    returns (y [b, H, L, P] in x's dtype, h_L [b, H, P, N] fp32)."""
+    hg = x.shape[1] // B.shape[1]
+    q, k = C.repeat_interleave(hg, 1), B.repeat_interleave(hg, 1)
+    S0 = None if initial_state is None else initial_state.transpose(-1, -2)
+    o, S = linear_attention(q, k, x * dt[..., None], dt * A[:, None], S0)
+    return o.to(x.dtype), S.transpose(-1, -2)

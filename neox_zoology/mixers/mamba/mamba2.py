@@ -26,6 +26,7 @@ from torch import nn
 from neox_zoology import flops
 from neox_zoology.mixers.base import (Mixer, check_projection_init, exclude_from_weight_decay, full_then_local,
                                       projection_inits)
+from neox_zoology.mixers.linear_attention import fla_path
 from neox_zoology.mixers.linear_attention.common import ShortConv, check_bool, check_int, check_number
 from neox_zoology.mixers.linear_attention.gated_deltanet import inverse_softplus_dt
 from neox_zoology.mixers.linear_attention.kernels import compute_dtype
@@ -39,8 +40,11 @@ def chunked_ssd(x, dt, A, B, C, chunk_size: int = 64, initial_state=None):
 
     x [b, H, L, P], dt [b, H, L] (> 0), A [H] (< 0), B, C [b, G, L, N]; head h reads group h // (H / G).
     Returns (y [b, H, L, P], h_L [b, H, P, N]). Inside a chunk a masked Q x Q product, across chunks the
-    state carried forward; every decay is exp of a non-positive number.
+    state carried forward; every decay is exp of a non-positive number. CUDA inputs take fla's kernels when
+    fla-core is installed (`fla_path.ssd`).
     """
+    if fla_path.usable(C, x, initial_state):
+        return fla_path.ssd(x, dt, A, B, C, initial_state)
     b, H, L, P = x.shape
     G, N = B.shape[1], B.shape[-1]
     hg, Q = H // G, max(1, min(chunk_size, L))
