@@ -39,7 +39,7 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
 
 class Based(Mixer):
     def __init__(self, config, layer_number: int = 1, *, seq_length: int, feature_dim: int = 16, num_heads: int = 0,
-                 eps: float = 1e-12, conv_size: int = 0, chunk_size: int = 64, **stack_kwargs):
+                 eps: float = 1e-12, conv_size: int = 0, chunk_size: int = 128, **stack_kwargs):
         super().__init__(config, layer_number, **stack_kwargs)
         d = config.hidden_size
         heads = num_heads or config.num_attention_heads
@@ -105,7 +105,7 @@ def _validate(shape, args):
         check_heads(errors, "based", shape, heads, {"hidden_size": shape.hidden_size})
     check_int(errors, "based", args, "feature_dim", 1, "use a positive int (the reference's: 16)")
     check_int(errors, "based", args, "conv_size", 0, "use 0 (no short conv, the reference) or a kernel size, e.g. 3")
-    check_int(errors, "based", args, "chunk_size", 1, "use a positive int, e.g. 64")
+    check_int(errors, "based", args, "chunk_size", 1, "use a positive int, e.g. 128")
     check_number(errors, "based", args, "eps", "use a small positive number, e.g. 1e-12")
     return errors
 
@@ -130,7 +130,7 @@ register(
     MixerSpec(
         name="based",
         module=Based,
-        defaults={"feature_dim": 16, "num_heads": 0, "eps": 1e-12, "conv_size": 0, "chunk_size": 64},
+        defaults={"feature_dim": 16, "num_heads": 0, "eps": 1e-12, "conv_size": 0, "chunk_size": 128},
         tp_split="heads",
         flops=_flops,
         validate=_validate,

@@ -47,7 +47,7 @@ def inverse_softplus_dt(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floo
 
 class GatedDeltaNet(Mixer):
     def __init__(self, config, layer_number: int = 1, *, seq_length: int, num_heads: int = 0, expand_v: float = 2.0,
-                 conv_size: int = 4, output_gate: bool = True, norm_eps: float = 1e-5, chunk_size: int = 64,
+                 conv_size: int = 4, output_gate: bool = True, norm_eps: float = 1e-5, chunk_size: int = 32,
                  **stack_kwargs):
         super().__init__(config, layer_number, **stack_kwargs)
         d, dtype = config.hidden_size, config.params_dtype
@@ -139,7 +139,7 @@ def _validate(shape, args):
     check_int(errors, "gated_deltanet", args, "conv_size", 0, "use a kernel size (the reference's: 4) or 0 for none")
     check_bool(errors, "gated_deltanet", args, "output_gate")
     check_number(errors, "gated_deltanet", args, "norm_eps", "use a small positive number, e.g. 1e-5")
-    check_int(errors, "gated_deltanet", args, "chunk_size", 1, "use a positive int, e.g. 64")
+    check_int(errors, "gated_deltanet", args, "chunk_size", 1, "use a positive int, e.g. 32")
     return errors
 
 
@@ -168,7 +168,7 @@ register(
         name="gated_deltanet",
         module=GatedDeltaNet,
         defaults={"num_heads": 0, "expand_v": 2.0, "conv_size": 4, "output_gate": True, "norm_eps": 1e-5,
-                  "chunk_size": 64},
+                  "chunk_size": 32},
         tp_split="heads",
         flops=_flops,
         validate=_validate,

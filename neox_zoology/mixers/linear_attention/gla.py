@@ -34,7 +34,7 @@ class GLA(Mixer):
     def __init__(self, config, layer_number: int = 1, *, seq_length: int, num_heads: int = 4, expand_k: float = 0.5,
                  expand_v: float = 1.0, conv_size: int = 0, gate_low_rank_dim: int = 16,
                  gate_logit_normalizer: float = 16.0, output_gate: bool = True, norm_eps: float = 1e-5,
-                 chunk_size: int = 16, **stack_kwargs):
+                 chunk_size: int = 8, **stack_kwargs):
         super().__init__(config, layer_number, **stack_kwargs)
         d, dtype = config.hidden_size, config.params_dtype
         key_dim, value_dim = int(d * expand_k), int(d * expand_v)
@@ -113,7 +113,7 @@ def _validate(shape, args):
     check_number(errors, "gla", args, "gate_logit_normalizer", "use a positive number, e.g. 16")
     check_bool(errors, "gla", args, "output_gate")
     check_number(errors, "gla", args, "norm_eps", "use a small positive number, e.g. 1e-5")
-    check_int(errors, "gla", args, "chunk_size", 1, "use a positive int, e.g. 16")
+    check_int(errors, "gla", args, "chunk_size", 1, "use a positive int, e.g. 8")
     return errors
 
 
@@ -140,7 +140,7 @@ register(
         name="gla",
         module=GLA,
         defaults={"num_heads": 4, "expand_k": 0.5, "expand_v": 1.0, "conv_size": 0, "gate_low_rank_dim": 16,
-                  "gate_logit_normalizer": 16.0, "output_gate": True, "norm_eps": 1e-5, "chunk_size": 16},
+                  "gate_logit_normalizer": 16.0, "output_gate": True, "norm_eps": 1e-5, "chunk_size": 8},
         tp_split="heads",
         flops=_flops,
         validate=_validate,
