@@ -20,19 +20,30 @@ import torch
 
 def _decays_inputs(x, dt, A, B):
     """x, dt [b, E, c], A [E, N], B [b, N, c] -> a = exp(dt A), u = dt x B, both [c, b, E, N] contiguous."""
-    dtp = dt.permute(2, 0, 1)[..., None]  # [c, b, E, 1]
+    dtp = dt.permute(2, 0, 1).contiguous()[..., None]  # [c, b, E, 1]; elementwise results keep this layout
     a = torch.exp(dtp * A)
     u = (dtp * x.permute(2, 0, 1)[..., None]) * B.permute(2, 0, 1)[:, :, None, :]
-    return a, u
+    return a, u.contiguous()
 
 
 def _states(h0, a, u):
     """h0 [b, E, N], a, u [c, b, E, N] -> every state h_1..h_c [c, b, E, N]."""
     hs = torch.empty_like(u)
     h = h0
-    for t in range(u.shape[0]):
-        h = torch.addcmul(u[t], a[t], h, out=hs[t])
+    for u_t, a_t, out in zip(u.unbind(0), a.unbind(0), hs.unbind(0)):  # views made once, not per position
+        h = torch.addcmul(u_t, a_t, h, out=out)
     return hs
+
+
+def _contract_n(s, v):
+    """s [c, b, E, N] (contiguous), v [b, N, c] -> sum_n s v: [c, b, E]. (einsum's plan beats a batched
+    matrix-vector product here by 3-4x on the CPU; `_contract_e` is the other way round.)"""
+    return torch.einsum("tben,bnt->tbe", s, v)
+
+
+def _contract_e(w, s):
+    """w [c, b, E] (contiguous), s [c, b, E, N] (contiguous) -> sum_e w s: [c, b, N]."""
+    return (w[:, :, None, :] @ s).squeeze(-2)
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -44,7 +55,7 @@ class _SelectiveScan(torch.autograd.Function):
             sl = slice(s, s + chunk_size)
             starts.append(h)
             hs = _states(h, *_decays_inputs(x[..., sl], dt[..., sl], A, B[..., sl]))
-            ys.append(torch.einsum("tben,bnt->bet", hs, C[..., sl]))
+            ys.append(_contract_n(hs, C[..., sl]).permute(1, 2, 0))
             h = hs[-1]
         ctx.save_for_backward(x, dt, A, B, C, torch.stack(starts))
         ctx.chunk_size = chunk_size
@@ -64,22 +75,24 @@ class _SelectiveScan(torch.autograd.Function):
             xs, dts, Bs, Cs, gys = x[..., sl], dt[..., sl], B[..., sl], C[..., sl], gy[..., sl]
             a, u = _decays_inputs(xs, dts, A, Bs)
             hs = _states(starts[k], a, u)
-            gC[..., sl] = torch.einsum("tben,bet->bnt", hs, gys)
-            g = torch.einsum("bnt,bet->tben", Cs, gys).contiguous()  # becomes g_t in place, last to first
+            gyp = gys.permute(2, 0, 1).contiguous()  # [c, b, E]
+            gC[..., sl] = _contract_e(gyp, hs).permute(1, 2, 0)
+            g = gyp[..., None] * Cs.permute(2, 0, 1)[:, :, None, :]  # [c, b, E, N]; becomes g_t in place, last to first
             g[-1] += g_next
+            g_t, a_t = g.unbind(0), a.unbind(0)
             for t in range(g.shape[0] - 1, 0, -1):
-                g[t - 1].addcmul_(a[t], g[t])
+                g_t[t - 1].addcmul_(a_t[t], g_t[t])
             g_next = a[0] * g[0]  # into the previous chunk's last state
             h_prev = torch.cat([starts[k][None], hs[:-1]])
             ga_a = g * h_prev * a  # dLoss/d(dt A) elementwise
             dtp = dts.permute(2, 0, 1)[..., None]
             gA += (ga_a * dtp).sum((0, 1))
             gdt_decay = (ga_a * A).sum(-1)  # [c, b, E]
-            gu_B = torch.einsum("tben,bnt->tbe", g, Bs)  # sum_n g B
+            gu_B = _contract_n(g, Bs)  # sum_n g B, [c, b, E]
             xsp, dtsp = xs.permute(2, 0, 1), dts.permute(2, 0, 1)
             gdt[..., sl] = (gdt_decay + gu_B * xsp).permute(1, 2, 0)
             gx[..., sl] = (gu_B * dtsp).permute(1, 2, 0)
-            gB[..., sl] = torch.einsum("tben,tbe->bnt", g, dtsp * xsp)
+            gB[..., sl] = _contract_e((dtsp * xsp).contiguous(), g).permute(1, 2, 0)
         return gx, gdt, gA, gB, gC, g_next, None
 
 
