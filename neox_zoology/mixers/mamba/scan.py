@@ -82,14 +82,14 @@ class _SelectiveScan(torch.autograd.Function):
             g_t, a_t = g.unbind(0), a.unbind(0)
             for t in range(g.shape[0] - 1, 0, -1):
                 g_t[t - 1].addcmul_(a_t[t], g_t[t])
-            g_next = a[0] * g[0]  # into the previous chunk's last state
-            h_prev = torch.cat([starts[k][None], hs[:-1]])
-            ga_a = g * h_prev * a  # dLoss/d(dt A) elementwise
-            dtp = dts.permute(2, 0, 1)[..., None]
-            gA += (ga_a * dtp).sum((0, 1))
+            ga_a = g * a  # becomes dLoss/d(dt A) = g_t a_t h_{t-1} elementwise
+            g_next = ga_a[0].clone()  # a_0 g_0: into the previous chunk's last state
+            ga_a[1:] *= hs[:-1]
+            ga_a[0] *= starts[k]
+            xsp, dtsp = xs.permute(2, 0, 1), dts.permute(2, 0, 1)
+            gA += (ga_a * dtsp[..., None]).sum((0, 1))
             gdt_decay = (ga_a * A).sum(-1)  # [c, b, E]
             gu_B = _contract_n(g, Bs)  # sum_n g B, [c, b, E]
-            xsp, dtsp = xs.permute(2, 0, 1), dts.permute(2, 0, 1)
             gdt[..., sl] = (gdt_decay + gu_B * xsp).permute(1, 2, 0)
             gx[..., sl] = (gu_B * dtsp).permute(1, 2, 0)
             gB[..., sl] = _contract_e((dtsp * xsp).contiguous(), g).permute(1, 2, 0)
