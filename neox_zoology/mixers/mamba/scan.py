@@ -79,9 +79,9 @@ class _SelectiveScan(torch.autograd.Function):
             gC[..., sl] = _contract_e(gyp, hs).permute(1, 2, 0)
             g = gyp[..., None] * Cs.permute(2, 0, 1)[:, :, None, :]  # [c, b, E, N]; becomes g_t in place, last to first
             g[-1] += g_next
-            g_t, a_t = g.unbind(0), a.unbind(0)
+            g_rows, a_rows = g.unbind(0), a.unbind(0)  # views made once, not per position
             for t in range(g.shape[0] - 1, 0, -1):
-                g_t[t - 1].addcmul_(a_t[t], g_t[t])
+                g_rows[t - 1].addcmul_(a_rows[t], g_rows[t])
             ga_a = g * a  # becomes dLoss/d(dt A) = g_t a_t h_{t-1} elementwise
             g_next = ga_a[0].clone()  # a_0 g_0: into the previous chunk's last state
             ga_a[1:] *= hs[:-1]
